@@ -1,0 +1,50 @@
+"""The project's exception hierarchy.
+
+Pure cores raise these; the service edge maps them to HTTP and gRPC status codes in one place
+(`STATUS_BY_ERROR` below). Knows nothing about Ray, gRPC or HTTP libraries: codes are plain
+numbers and names.
+"""
+
+from __future__ import annotations
+
+
+class KimiVLError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class InvalidInputError(KimiVLError, ValueError):
+    """The caller sent something we cannot serve: bad media, over-long prompt, malformed request."""
+
+
+class CheckpointError(KimiVLError, ValueError):
+    """A checkpoint directory is incomplete or inconsistent (missing/contradictory keys or weights)."""
+
+
+class CapacityError(KimiVLError):
+    """The request is valid but exceeds what this deployment can hold right now (KV blocks, queue)."""
+
+
+class UpstreamUnavailableError(KimiVLError):
+    """A dependency (another deployment, a cache) could not be reached."""
+
+
+class InternalError(KimiVLError):
+    """A bug: the request was valid and the service should have served it."""
+
+
+# error class -> (HTTP status, gRPC status code name)
+STATUS_BY_ERROR: dict[type[KimiVLError], tuple[int, str]] = {
+    InvalidInputError: (400, "INVALID_ARGUMENT"),
+    CheckpointError: (500, "FAILED_PRECONDITION"),
+    CapacityError: (503, "RESOURCE_EXHAUSTED"),
+    UpstreamUnavailableError: (503, "UNAVAILABLE"),
+    InternalError: (500, "INTERNAL"),
+}
+
+
+def status_for(error: BaseException) -> tuple[int, str]:
+    """HTTP status and gRPC code name for any exception (unknown ones are internal errors)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]  # type: ignore[index]
+    return STATUS_BY_ERROR[InternalError]
