@@ -1,0 +1,203 @@
+"""The paged MLA latent cache, its block allocator, and the per-step attention metadata.
+
+The engine owns all three: it allocates blocks per sequence, builds an `AttentionMetadata` for
+each model step and hands both the metadata and the `PagedKVCache` to the model's forward (no
+globals). Per token and layer the cache holds `latent_dim` values: the normalised compressed kv
+(kv_lora_rank) followed by the ROTATED shared rope key k_pe (qk_rope_head_dim).
+
+Knows nothing about scheduling policy, the model's weights or tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from services.common.errors import CapacityError
+
+PAD_BLOCK = 0  # fills block-table rows past a sequence's last block; never read unmasked
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class BlockAllocator:
+    """Hands out block ids in [0, num_blocks). Pure Python: the scheduler can use it without torch."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """n block ids; raises CapacityError (allocating nothing) if fewer than n are free."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        if n > len(self._free):
+            raise CapacityError(f"KV cache full: {n} blocks requested, {len(self._free)} free")
+        blocks = [self._free.popleft() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Return blocks to the pool; freeing a block that is not allocated is a bug."""
+        bad = [b for b in blocks if b not in self._used]
+        if bad or len(set(blocks)) != len(blocks):
+            raise ValueError(f"freeing blocks that are not allocated (or twice): {sorted(bad or blocks)}")
+        self._used.difference_update(blocks)
+        self._free.extend(blocks)
+
+
+class PagedKVCache:
+    """[L, num_blocks, block_size, latent_dim] latents; a token's flat slot is block*block_size + offset."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        latent_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.latent_dim = latent_dim
+        # zeros, not empty: padded reads past a sequence's end are masked, but 0·NaN would not be
+        self.data = torch.zeros(num_layers, num_blocks, block_size, latent_dim, dtype=dtype, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, latents: torch.Tensor) -> None:
+        """Store latents [T, D] at flat slots slot_mapping [T] (int64)."""
+        self.data[layer].view(-1, self.latent_dim).index_copy_(0, slot_mapping, latents.to(self.dtype))
+
+    def gather(self, layer: int, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+        """The first `length` tokens of each sequence: block_tables [B, M] int32 -> [B, length, D].
+
+        Rows of sequences shorter than `length` are padding (whatever PAD_BLOCK holds).
+        """
+        pos = torch.arange(length, device=block_tables.device)
+        blocks = block_tables[:, pos // self.block_size].long()  # [B, length]
+        slots = blocks * self.block_size + pos % self.block_size
+        flat = self.data[layer].view(-1, self.latent_dim)
+        return flat[slots.view(-1)].view(block_tables.shape[0], length, self.latent_dim)
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where this step's tokens go and what each sequence attends to.
+
+    The batch is B sequences whose new tokens are flattened into T = Σ query_lens rows,
+    sequence by sequence. Sequence b's new tokens are its positions
+    [context_lens[b] - query_lens[b], context_lens[b]); earlier ones are already cached
+    (chunked prefill, prefix reuse, decode).
+    """
+
+    query_lens: tuple[int, ...]  # host, [B]: new tokens per sequence
+    context_lens: tuple[int, ...]  # host, [B]: tokens per sequence including this step's
+    block_size: int
+    cu_seqlens_q: torch.Tensor  # [B+1] int32: row offsets of each sequence's new tokens
+    context_lens_tensor: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with PAD_BLOCK
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token
+    positions: torch.Tensor  # [T] int64: position of each new token
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+    @property
+    def is_decode(self) -> bool:
+        """Pure decode: exactly one new token per sequence (MLA runs in its absorbed form)."""
+        return all(q == 1 for q in self.query_lens)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens, default=0)
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        query_lens: Sequence[int],
+        context_lens: Sequence[int],
+        *,
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        if not len(block_tables) == len(query_lens) == len(context_lens):
+            raise ValueError("block_tables, query_lens and context_lens need one entry per sequence")
+        slots: list[int] = []
+        positions: list[int] = []
+        for blocks, q, ctx in zip(block_tables, query_lens, context_lens, strict=True):
+            if not 1 <= q <= ctx:
+                raise ValueError(f"need 1 <= query_len <= context_len, got {q} and {ctx}")
+            if len(blocks) * block_size < ctx:
+                raise ValueError(f"{len(blocks)} blocks of {block_size} cannot hold {ctx} tokens")
+            for p in range(ctx - q, ctx):
+                slots.append(blocks[p // block_size] * block_size + p % block_size)
+                positions.append(p)
+        width = max((len(b) for b in block_tables), default=0)
+        table = [list(b) + [PAD_BLOCK] * (width - len(b)) for b in block_tables]
+        cu = [0]
+        for q in query_lens:
+            cu.append(cu[-1] + q)
+        return cls(
+            query_lens=tuple(query_lens),
+            context_lens=tuple(context_lens),
+            block_size=block_size,
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            context_lens_tensor=torch.tensor(list(context_lens), dtype=torch.int32, device=device),
+            block_tables=torch.tensor(table, dtype=torch.int32, device=device).view(len(table), width),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        )
+
+    @classmethod
+    def for_prefill(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        query_lens: Sequence[int],
+        *,
+        block_size: int,
+        cached_lens: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Prompt chunks of query_lens tokens on top of cached_lens already-cached tokens (default 0)."""
+        cached = cached_lens if cached_lens is not None else [0] * len(query_lens)
+        context = [c + q for c, q in zip(cached, query_lens, strict=True)]
+        return cls.build(block_tables, query_lens, context, block_size=block_size, device=device)
+
+    @classmethod
+    def for_decode(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        context_lens: Sequence[int],
+        *,
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """One new token per sequence; context_lens include it."""
+        ones = [1] * len(context_lens)
+        return cls.build(block_tables, ones, context_lens, block_size=block_size, device=device)

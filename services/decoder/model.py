@@ -1,0 +1,102 @@
+"""The Kimi-VL language model: a DeepSeek-V3-architecture MoE decoder over a paged MLA cache.
+
+Parameter names equal the checkpoint keys after the `language_model.` prefix
+(`model.layers.1.mlp.gate.e_score_correction_bias`, `lm_head.weight`), so the generic loader
+fills a model built on the meta device. Tokens arrive flattened across sequences (varlen, like
+vLLM / nano-vllm); where they go in the cache and what they attend to comes from the
+`AttentionMetadata` the engine passes in. Knows nothing about tokenizers, images, sampling or
+scheduling.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from services.common.config import TextConfig
+from services.decoder.kv_cache import AttentionMetadata, PagedKVCache
+from services.decoder.mla import MLAttention, RMSNorm
+from services.decoder.moe import MLP, MoE
+from services.decoder.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMetadata,
+        kv_cache: PagedKVCache,
+    ) -> torch.Tensor:
+        """h [T, H] -> [T, H]."""
+        h = h + self.self_attn(self.input_layernorm(h), rope, attn, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg)  # derived tables, not state
+
+    def forward(
+        self, h: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, kv_cache: PagedKVCache
+    ) -> torch.Tensor:
+        """Input embeddings h [T, H] at positions [T] -> final-normed hidden states [T, H]."""
+        rope = self.rotary(positions, h.dtype, max_len=attn.max_context_len)  # cos, sin [T, rope]
+        for layer in self.layers:
+            h = layer(h, rope, attn, kv_cache)
+        return self.norm(h)
+
+
+class DecoderForCausalLM(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._tie()
+
+    def _tie(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # `to_empty` / device moves make new Parameters one by one, which unties shared ones
+        super()._apply(fn, recurse)
+        self._tie()
+        return self
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> [T, H]."""
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_cache: PagedKVCache,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [T] (or inputs_embeds [T, H]), positions [T] -> hidden [T, H].
+
+        Writes the tokens' latents into `kv_cache` at `attn.slot_mapping` in every layer.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.model(h, positions, attn, kv_cache)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] -> logits [T, V] float32."""
+        return self.lm_head(hidden).float()

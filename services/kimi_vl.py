@@ -1,0 +1,79 @@
+"""The whole Kimi-VL model, as one module tree whose names are the checkpoint's keys.
+
+`KimiVLForConditionalGeneration` holds `vision_tower` (MoonViT), `multi_modal_projector` and
+`language_model` (the MoE decoder), so `load_weights` fills it from an official checkpoint with
+no key mapping. The services load only the part they run (`load_vision_encoder`,
+`services.common.weights.load_text_model`); the offline `generate` command loads all of it.
+Knows nothing about tokenizers, images on disk or serving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from services.common.config import KimiVLConfig, load_config
+from services.common.weights import load_weights, meta_build
+from services.decoder.model import DecoderForCausalLM
+from services.vision_encoder.moonvit import MoonViT, MultiModalProjector
+
+
+class VisionEncoder(nn.Module):
+    """MoonViT followed by the projector: packed patches in, text-width embeddings out."""
+
+    def __init__(self, cfg: KimiVLConfig) -> None:
+        super().__init__()
+        self.vision_tower = MoonViT(cfg.vision_config)
+        self.multi_modal_projector = MultiModalProjector(cfg.vision_config, cfg.text_config.hidden_size)
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
+        """pixel_values [P, 3, p, p], image_grid_hws [N, 2] -> embeddings [Σ h·w/4, H_text]."""
+        dtype = next(self.parameters()).dtype
+        merged = self.vision_tower(pixel_values.to(dtype), image_grid_hws)  # [T, 4, H_vit]
+        return self.multi_modal_projector(merged)  # [T, H_text]
+
+
+class KimiVLForConditionalGeneration(VisionEncoder):
+    """Vision encoder + decoder; `language_model` runs through the engine's paged cache."""
+
+    def __init__(self, cfg: KimiVLConfig) -> None:
+        super().__init__(cfg)
+        self.config = cfg
+        self.language_model = DecoderForCausalLM(cfg.text_config)
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
+        return VisionEncoder.forward(self, pixel_values, image_grid_hws)
+
+
+def load_kimi_vl(
+    checkpoint_dir: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    *,
+    progress: bool = False,
+) -> KimiVLForConditionalGeneration:
+    cfg = load_config(checkpoint_dir)
+    with meta_build(dtype):
+        model = KimiVLForConditionalGeneration(cfg)
+    load_weights(model, checkpoint_dir, device=device, progress=progress)
+    return model
+
+
+def load_vision_encoder(
+    checkpoint_dir: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    *,
+    progress: bool = False,
+) -> VisionEncoder:
+    """MoonViT + projector only (`vision_tower.*`, `multi_modal_projector.*`)."""
+    cfg = load_config(checkpoint_dir)
+    with meta_build(dtype):
+        model = VisionEncoder(cfg)
+    # The decoder's keys are someone else's: load only the vision prefixes.
+    for prefix, part in (("vision_tower.", model.vision_tower), ("multi_modal_projector.", model.multi_modal_projector)):
+        load_weights(part, checkpoint_dir, prefix=prefix, device=device, progress=progress)
+    return model
