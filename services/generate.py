@@ -80,7 +80,7 @@ def user_messages(prompt: str, system: str | None, n_images: int) -> list[dict[s
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """Decode an image file (clear error if it is not one); media handling proper is the preprocess service's."""
+    """Decode an image file, with a clear error if it is not one (full media handling: preprocess)."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -130,7 +130,9 @@ class OfflinePipeline:
         ids_t = torch.tensor(ids, device=device)
         with torch.inference_mode():
             embeds = self.model.language_model.embed(ids_t)
-        return ids, merge_image_embeddings(embeds, ids_t, image_embeds, self.config.media_placeholder_token_id)
+        return ids, merge_image_embeddings(
+            embeds, ids_t, image_embeds, self.config.media_placeholder_token_id
+        )
 
     def generate(
         self, messages: list[dict[str, Any]], images: Sequence[Image.Image], params: SamplingParams

@@ -74,6 +74,9 @@ def load_vision_encoder(
     with meta_build(dtype):
         model = VisionEncoder(cfg)
     # The decoder's keys are someone else's: load only the vision prefixes.
-    for prefix, part in (("vision_tower.", model.vision_tower), ("multi_modal_projector.", model.multi_modal_projector)):
+    for prefix, part in (
+        ("vision_tower.", model.vision_tower),
+        ("multi_modal_projector.", model.multi_modal_projector),
+    ):
         load_weights(part, checkpoint_dir, prefix=prefix, device=device, progress=progress)
     return model

@@ -16,7 +16,15 @@ from services.common.checkpoint import write_checkpoint
 from services.decoder.sampling import SamplingParams
 from services.generate import OfflinePipeline, user_messages
 
-JSON_KEYS = {"prompt_ids", "token_ids", "text", "prompt_tokens", "tokens_per_s", "completion_tokens", "finish_reason"}
+JSON_KEYS = {
+    "prompt_ids",
+    "token_ids",
+    "text",
+    "prompt_tokens",
+    "tokens_per_s",
+    "completion_tokens",
+    "finish_reason",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +53,14 @@ def test_make_checkpoint_command(tmp_path, capsys):
     assert main(["make-checkpoint", str(tmp_path / "c"), "--seed", "3", "--dtype", "float32"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out == {"checkpoint": str(tmp_path / "c"), "preset": "tiny", "seed": 3, "dtype": "float32"}
-    for name in ("config.json", "model.safetensors.index.json", "tiktoken.model", "tokenizer_config.json",
-                 "preprocessor_config.json", "generation_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors.index.json",
+        "tiktoken.model",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ):
         assert (tmp_path / "c" / name).is_file()
 
 
@@ -56,7 +70,9 @@ def test_generate_json_with_images_is_greedy_and_deterministic(ckpt, images, cap
         args += ["--image", path]
     first = _generate_json(capsys, *args)
     assert JSON_KEYS <= set(first)
-    assert first["prompt_tokens"] == len(first["prompt_ids"]) and first["completion_tokens"] == len(first["token_ids"])
+    assert first["prompt_tokens"] == len(first["prompt_ids"]) and first["completion_tokens"] == len(
+        first["token_ids"]
+    )
     assert 1 <= len(first["token_ids"]) <= 6 and first["tokens_per_s"] > 0
     # (300x200 -> pad 308x224 -> 22x16 patches -> 88 tokens) + (57x130 -> 84x140 -> 6x10 -> 15 tokens)
     pipeline = OfflinePipeline(ckpt, dtype=torch.float32)
@@ -66,7 +82,16 @@ def test_generate_json_with_images_is_greedy_and_deterministic(ckpt, images, cap
 
 
 def test_generate_sampling_uses_the_seed(ckpt, capsys):
-    base = ["--checkpoint", str(ckpt), "--prompt", "Hello there", "--max-new-tokens", "8", "--temperature", "1.0"]
+    base = [
+        "--checkpoint",
+        str(ckpt),
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+    ]
     a = _generate_json(capsys, *base, "--seed", "1")
     assert _generate_json(capsys, *base, "--seed", "1")["token_ids"] == a["token_ids"]
 
@@ -78,7 +103,8 @@ def test_prompt_layout_system_and_images_before_text(ckpt):
     assert embeds is None
     text = tok.decode(ids)
     assert text == (
-        "<|im_system|>system<|im_middle|>Be brief.<|im_end|><|im_user|>user<|im_middle|>Hi <|im_end|><|im_end|>"
+        "<|im_system|>system<|im_middle|>Be brief.<|im_end|>"
+        "<|im_user|>user<|im_middle|>Hi <|im_end|><|im_end|>"
         "<|im_assistant|>assistant<|im_middle|>"
     )
     # the user's "<|im_end|>" is plain text: exactly two real end-of-turn tokens in the prompt
@@ -113,8 +139,21 @@ def test_bad_inputs_exit_2_with_a_message(ckpt, tmp_path, capsys):
 
 def test_console_script_is_installed(ckpt):
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "generate", "--checkpoint", str(ckpt), "--prompt", "Hi",
-         "--max-new-tokens", "2", "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "generate",
+            "--checkpoint",
+            str(ckpt),
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert JSON_KEYS <= set(json.loads(done.stdout))

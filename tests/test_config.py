@@ -19,21 +19,51 @@ SPECIAL = {"[BOS]": 1024, "[EOS]": 1025, "<|im_end|>": 1026, "[PAD]": 1279, "<|m
 
 # The published Kimi-VL-A3B-Instruct text_config (the values the spec lists).
 RELEASE_TEXT = {
-    "vocab_size": 163840, "max_position_embeddings": 131072, "hidden_size": 2048,
-    "intermediate_size": 11264, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
-    "num_attention_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
-    "routed_scaling_factor": 2.446, "kv_lora_rank": 512, "q_lora_rank": None,
-    "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc",
-    "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6, "moe_layer_freq": 1,
-    "first_k_dense_replace": 1, "norm_topk_prob": True, "scoring_func": "sigmoid",
-    "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 800000.0, "rope_scaling": None,
-    "attention_bias": False, "bos_token_id": 163584, "eos_token_id": 163586, "pad_token_id": 163839,
-    "tie_word_embeddings": False, "model_type": "deepseek_v3", "num_key_value_heads": 16,
+    "vocab_size": 163840,
+    "max_position_embeddings": 131072,
+    "hidden_size": 2048,
+    "intermediate_size": 11264,
+    "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "n_shared_experts": 2,
+    "n_routed_experts": 64,
+    "routed_scaling_factor": 2.446,
+    "kv_lora_rank": 512,
+    "q_lora_rank": None,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc",
+    "n_group": 1,
+    "topk_group": 1,
+    "num_experts_per_tok": 6,
+    "moe_layer_freq": 1,
+    "first_k_dense_replace": 1,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 800000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "bos_token_id": 163584,
+    "eos_token_id": 163586,
+    "pad_token_id": 163839,
+    "tie_word_embeddings": False,
+    "model_type": "deepseek_v3",
+    "num_key_value_heads": 16,
 }
 RELEASE_VISION = {
-    "model_type": "moonvit", "patch_size": 14, "init_pos_emb_height": 64, "init_pos_emb_width": 64,
-    "num_attention_heads": 16, "num_hidden_layers": 27, "hidden_size": 1152,
-    "intermediate_size": 4304, "merge_kernel_size": [2, 2],
+    "model_type": "moonvit",
+    "patch_size": 14,
+    "init_pos_emb_height": 64,
+    "init_pos_emb_width": 64,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 27,
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "merge_kernel_size": [2, 2],
 }
 
 
@@ -49,7 +79,12 @@ def release_config() -> dict:
 def test_release_config_parses_with_its_architecture_facts():
     cfg = parse_config(release_config())
     t, v = cfg.text_config, cfg.vision_config
-    assert (t.hidden_size, t.num_hidden_layers, t.n_routed_experts, t.num_experts_per_tok) == (2048, 27, 64, 6)
+    assert (t.hidden_size, t.num_hidden_layers, t.n_routed_experts, t.num_experts_per_tok) == (
+        2048,
+        27,
+        64,
+        6,
+    )
     assert t.latent_dim == 576 and t.qk_head_dim == 192
     assert t.softmax_scale == pytest.approx(192**-0.5)
     assert not t.is_moe_layer(0) and all(t.is_moe_layer(i) for i in range(1, 27))
@@ -100,8 +135,13 @@ def test_placeholder_outside_vocab_is_rejected():
 def test_yarn_rope_scaling_and_softmax_scale():
     raw = release_config()
     raw["text_config"]["rope_scaling"] = {
-        "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1,
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
     }
     t = parse_config(raw).text_config
     assert t.rope_scaling == RopeScaling("yarn", 40, 4096, 32, 1, 1.0, 1.0)

@@ -12,9 +12,11 @@ while loading, which `_load_reference` checks). Then:
   teacher-forced transformers forward within ATOL.
 
 Known disagreement (see tests/test_routing.py): transformers masks non-kept expert groups with
--inf, the reference and the spec with 0.0. `_assert_masking_rule_irrelevant` checks that these
-inputs never reach a case where the two rules pick different experts, so transformers is a valid
-reference here; the 0.0 behaviour itself is tested against a by-hand implementation.
+-inf, the reference and the spec with 0.0. `_assert_masking_rule_irrelevant` checks that the
+golden inputs never reach a case where the two rules pick different experts, so unmodified
+transformers is a valid reference there; `test_group_masking_rule_is_the_only_difference` takes
+an input that does reach it and shows that swapping just transformers' routing rule for the
+spec's closes the gap.
 """
 
 from __future__ import annotations
@@ -25,19 +27,23 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from services.common.checkpoint import write_checkpoint
 from services.common.weights import checkpoint_weight_map, load_text_model
+from services.decoder.hf_reference import PREFIX, export_hf_decoder, load_hf_decoder
 from services.decoder.kv_cache import AttentionMetadata, BlockAllocator, PagedKVCache, blocks_needed
 from services.decoder.model import DecoderForCausalLM
+from triton_kernels.routing import grouped_topk_ref
 
 transformers = pytest.importorskip("transformers")
 
-ATOL = 1e-4  # spec section 7: transformers and the official code agree within 1.4e-5
+# Spec section 7: transformers and the official code agree within 1.4e-5. We measure <= 4e-6
+# (logits of magnitude ~5); 2e-5 still fails if the latent norms used rms_norm_eps (1e-5)
+# instead of the reference's 1e-6 (3e-5 .. 6e-5), which 1e-4 would let through.
+ATOL = 2e-5
 BLOCK_SIZE = 4
 NEW_TOKENS = 12
-PREFIX = "language_model."
 
 YARN = {
     "type": "yarn",
@@ -56,38 +62,22 @@ CONFIGS: dict[str, tuple[dict[str, Any], list[int], int]] = {
     "groups_noaux_tc": ({}, [5, 17, 9, 1], 15),
     "q_lora": ({"q_lora_rank": 48}, [11, 3, 20], 6),
     # prompts and continuations run past original_max_position_embeddings (32)
-    "yarn": ({"rope_scaling": YARN, "max_position_embeddings": 128, "rope_theta": 10000.0}, [40, 23, 51], 8),
+    "yarn": ({"rope_scaling": YARN, "max_position_embeddings": 128, "rope_theta": 10000.0}, [40, 23, 51], 5),
 }
 
 
-def _hf_config(text: dict[str, Any]) -> dict[str, Any]:
-    """Our checkpoint's text_config as a transformers 5 DeepseekV3Config dict."""
-    hf = {k: v for k, v in text.items() if k not in ("rope_theta", "rope_scaling")}
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": text["rope_theta"]}
-    if text.get("rope_scaling"):
-        # transformers 5 reads rope settings from `rope_parameters` (rope_type, not type)
-        rs = {k: v for k, v in text["rope_scaling"].items() if k != "type"}
-        rope = {**rope, **rs, "rope_type": "yarn"}
-    hf.update(model_type="deepseek_v3", rope_interleave=True, rope_parameters=rope)
-    hf.update(bos_token_id=None, eos_token_id=None)  # greedy runs the full NEW_TOKENS
-    return hf
-
-
 def _load_reference(ckpt: Path, out: Path) -> torch.nn.Module:
-    text = json.loads((ckpt / "config.json").read_text())["text_config"]
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps(_hf_config(text)))
+    ref = load_hf_decoder(export_hf_decoder(ckpt, out, eos=False))  # eos off: greedy runs NEW_TOKENS
+    # transformers stores experts fused ([E, 2I, H] gate|up, [E, H, I]) and must have fused ours
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(set(checkpoint_weight_map(ckpt).values())):
-        tensors.update({k.removeprefix(PREFIX): v for k, v in load_file(shard).items() if k.startswith(PREFIX)})
-    save_file(tensors, str(out / "model.safetensors"))
-    ref = transformers.DeepseekV3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    # transformers stores experts fused ([E, 2I, H] gate|up, [E, H, I]) and must have fused ours
+        tensors.update(load_file(shard))
     experts = ref.model.layers[1].mlp.experts
-    i = text["moe_intermediate_size"]
-    torch.testing.assert_close(experts.gate_up_proj[2, :i], tensors["model.layers.1.mlp.experts.2.gate_proj.weight"])
-    torch.testing.assert_close(experts.gate_up_proj[2, i:], tensors["model.layers.1.mlp.experts.2.up_proj.weight"])
-    torch.testing.assert_close(experts.down_proj[5], tensors["model.layers.1.mlp.experts.5.down_proj.weight"])
+    i = json.loads((ckpt / "config.json").read_text())["text_config"]["moe_intermediate_size"]
+    key = PREFIX + "model.layers.1.mlp.experts.{}.{}.weight"
+    torch.testing.assert_close(experts.gate_up_proj[2, :i], tensors[key.format(2, "gate_proj")])
+    torch.testing.assert_close(experts.gate_up_proj[2, i:], tensors[key.format(2, "up_proj")])
+    torch.testing.assert_close(experts.down_proj[5], tensors[key.format(5, "down_proj")])
     return ref
 
 
@@ -108,7 +98,9 @@ def _new_cache(model: DecoderForCausalLM, num_blocks: int) -> PagedKVCache:
     return PagedKVCache(cfg.num_hidden_layers, num_blocks, BLOCK_SIZE, cfg.latent_dim, torch.float32, "cpu")
 
 
-def _greedy_paged(model: DecoderForCausalLM, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _greedy_paged(
+    model: DecoderForCausalLM, prompts: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Batched greedy decoding through the paged cache -> tokens [B, NEW_TOKENS], logits per step."""
     alloc = BlockAllocator(128)
     cache = _new_cache(model, 128)
@@ -134,10 +126,13 @@ def _assert_masking_rule_irrelevant(model: DecoderForCausalLM, tokens: torch.Ten
     0.0 (spec): no chosen expert of a kept group has a negative selection score."""
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
     gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
-    hooks = [g.register_forward_hook(lambda m, i, o: captured.append((o, m.e_score_correction_bias))) for g in gates]
+    hooks = [
+        g.register_forward_hook(lambda m, i, o: captured.append((o, m.e_score_correction_bias)))
+        for g in gates
+    ]
     try:
-        md = AttentionMetadata.for_prefill([list(range(blocks_needed(len(tokens), BLOCK_SIZE)))], [len(tokens)],
-                                           block_size=BLOCK_SIZE)  # fmt: skip
+        table = list(range(blocks_needed(len(tokens), BLOCK_SIZE)))
+        md = AttentionMetadata.for_prefill([table], [len(tokens)], block_size=BLOCK_SIZE)
         model(tokens, md.positions, md, _new_cache(model, md.block_tables.shape[1]))
     finally:
         for h in hooks:
@@ -150,7 +145,9 @@ def _assert_masking_rule_irrelevant(model: DecoderForCausalLM, tokens: torch.Ten
         keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
         kept = choice.masked_fill(~keep[..., None], float("-inf")).flatten(1)
         kth_best_kept = kept.topk(cfg.num_experts_per_tok, dim=-1).values[:, -1]
-        assert (kth_best_kept > 0).all(), "inputs where transformers' -inf group masking differs from the spec"
+        assert (kth_best_kept > 0).all(), (
+            "inputs where transformers' -inf group masking differs from the spec"
+        )
 
 
 @torch.inference_mode()
@@ -159,7 +156,9 @@ def test_logits_match_transformers(pair: tuple[Any, ...]) -> None:
     lens = [len(p) for p in prompts]
     tables = [list(range(i * 32, i * 32 + blocks_needed(n, BLOCK_SIZE))) for i, n in enumerate(lens)]
     md = AttentionMetadata.for_prefill(tables, lens, block_size=BLOCK_SIZE)
-    logits = ours.compute_logits(ours(torch.cat(prompts), md.positions, md, _new_cache(ours, 32 * len(prompts))))
+    logits = ours.compute_logits(
+        ours(torch.cat(prompts), md.positions, md, _new_cache(ours, 32 * len(prompts)))
+    )
     assert logits.dtype == torch.float32
     for b, p in enumerate(prompts):
         _assert_masking_rule_irrelevant(ours, p)
@@ -177,8 +176,8 @@ def test_greedy_generation_matches_transformers(pair: tuple[Any, ...]) -> None:
         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
     )
     for b, p in enumerate(prompts):
-        out = ref.generate(input_ids=p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                           generation_config=gen_cfg)  # fmt: skip
+        mask = torch.ones(1, len(p), dtype=torch.long)
+        out = ref.generate(input_ids=p[None], attention_mask=mask, generation_config=gen_cfg)
         want = out[0, len(p) :]
         assert tokens[b].tolist() == want.tolist(), f"prompt {b}: greedy continuation differs"
         # decode-step logits vs a teacher-forced forward over prompt + continuation
@@ -187,3 +186,30 @@ def test_greedy_generation_matches_transformers(pair: tuple[Any, ...]) -> None:
         diff = (got - full).abs().max().item()
         assert diff <= ATOL, f"prompt {b}: max |decode logit diff| {diff:.2e}"
         _assert_masking_rule_irrelevant(ours, out[0])
+
+
+def _spec_router_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """transformers' DeepseekV3TopkRouter.forward with the spec's routing (0.0 group masking)."""
+    logits = torch.nn.functional.linear(hidden_states.view(-1, self.hidden_dim).float(), self.weight.float())
+    weights, ids = grouped_topk_ref(
+        logits, self.e_score_correction_bias, top_k=self.top_k, n_group=self.num_group,
+        topk_group=self.topk_group, scoring_func="sigmoid", topk_method="noaux_tc",
+        norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor,
+    )  # fmt: skip
+    return logits, weights, ids.long()
+
+
+@torch.inference_mode()
+def test_group_masking_rule_is_the_only_difference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = write_checkpoint(tmp_path / "ckpt", dtype=torch.float32)
+    ours, ref = load_text_model(ckpt, torch.float32, "cpu"), _load_reference(ckpt, tmp_path / "hf")
+    tokens = torch.randint(0, 1000, (400,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(AssertionError):
+        _assert_masking_rule_irrelevant(ours, tokens)  # this input does reach the disputed case
+    md = AttentionMetadata.for_prefill([list(range(100))], [400], block_size=BLOCK_SIZE)
+    logits = ours.compute_logits(ours(tokens, md.positions, md, _new_cache(ours, 100)))
+    as_shipped = (ref(input_ids=tokens[None]).logits[0] - logits).abs().max().item()
+    assert as_shipped > 1e-2, as_shipped  # transformers' -inf masking routes some token elsewhere
+    monkeypatch.setattr(type(ref.model.layers[1].mlp.gate), "forward", _spec_router_forward)
+    spec_rule = (ref(input_ids=tokens[None]).logits[0] - logits).abs().max().item()
+    assert spec_rule <= ATOL, f"with the spec's routing rule: max |logit diff| {spec_rule:.2e}"

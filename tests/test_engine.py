@@ -20,7 +20,9 @@ def model(tmp_path_factory):
 
 def _prompts(n: int, vocab: int = 1000) -> list[list[int]]:
     gen = torch.Generator().manual_seed(7)
-    return [torch.randint(0, vocab, (int(length),), generator=gen).tolist() for length in torch.arange(n) * 9 + 3]
+    return [
+        torch.randint(0, vocab, (int(length),), generator=gen).tolist() for length in torch.arange(n) * 9 + 3
+    ]
 
 
 def _run_all(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
@@ -64,7 +66,10 @@ def test_preemption_recomputes_the_same_tokens(model):
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(model):
     prompts = _prompts(3)
-    params = [SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.8, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+    params = [
+        SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.8, seed=s, ignore_eos=True)
+        for s in (1, 2, 3)
+    ]
     engine = LLMEngine(model, EngineConfig(block_size=4))
     batched = _run_all(engine, prompts, params)
     assert batched == [_alone(model, p, sp) for p, sp in zip(prompts, params, strict=True)]
@@ -86,7 +91,9 @@ def test_prompt_embeds_equal_to_token_embeddings_give_the_same_answer(model):
     prompt = _prompts(2)[1]
     embeds = model.embed(torch.tensor(prompt)).detach()
     engine = LLMEngine(model, EngineConfig(block_size=4, max_num_batched_tokens=4))
-    assert [o.token_id for o in engine.generate(prompt, GREEDY, prompt_embeds=embeds)] == _alone(model, prompt, GREEDY)
+    assert [o.token_id for o in engine.generate(prompt, GREEDY, prompt_embeds=embeds)] == _alone(
+        model, prompt, GREEDY
+    )
 
 
 def test_prompt_embeds_change_the_answer(model):

@@ -10,7 +10,13 @@ import torch
 from services.common.checkpoint import write_checkpoint
 from services.common.errors import CapacityError
 from services.common.weights import load_text_model
-from services.decoder.kv_cache import PAD_BLOCK, AttentionMetadata, BlockAllocator, PagedKVCache, blocks_needed
+from services.decoder.kv_cache import (
+    PAD_BLOCK,
+    AttentionMetadata,
+    BlockAllocator,
+    PagedKVCache,
+    blocks_needed,
+)
 from services.decoder.model import DecoderForCausalLM
 from services.decoder.rope import apply_rope
 
@@ -78,7 +84,9 @@ def test_cache_write_then_gather_round_trip() -> None:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> DecoderForCausalLM:
-    ckpt = write_checkpoint(tmp_path_factory.mktemp("ckpt"), dtype=torch.float32, text_overrides={"q_lora_rank": 24})
+    ckpt = write_checkpoint(
+        tmp_path_factory.mktemp("ckpt"), dtype=torch.float32, text_overrides={"q_lora_rank": 24}
+    )
     return load_text_model(ckpt, torch.float32, "cpu")
 
 

@@ -49,7 +49,9 @@ def route_by_hand(
     return [w * routed_scaling_factor for w in weights], ids
 
 
-def _check(logits: torch.Tensor, bias: torch.Tensor | None, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+def _check(
+    logits: torch.Tensor, bias: torch.Tensor | None, **kw: object
+) -> tuple[torch.Tensor, torch.Tensor]:
     weights, ids = grouped_topk_ref(logits, bias, **kw)  # type: ignore[arg-type]
     t, k = logits.shape[0], kw["top_k"]
     assert weights.shape == (t, k) and weights.dtype == torch.float32
@@ -136,7 +138,9 @@ def test_weights_are_unbiased_scores() -> None:
 
 def test_rejects_unknown_methods() -> None:
     with pytest.raises(ValueError):
-        grouped_topk_ref(torch.zeros(1, 4), None, top_k=1, n_group=1, topk_group=1, **dict(NOAUX, scoring_func="x"))
+        grouped_topk_ref(
+            torch.zeros(1, 4), None, top_k=1, n_group=1, topk_group=1, **dict(NOAUX, scoring_func="x")
+        )
     with pytest.raises(ValueError):
         grouped_topk_ref(torch.zeros(1, 4), None, top_k=1, n_group=1, topk_group=1, **NOAUX)  # bias missing
 

@@ -20,7 +20,9 @@ from services.kimi_vl import load_kimi_vl
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", dtype=torch.float32, shard_bytes=256 * 1024)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "tiny", dtype=torch.float32, shard_bytes=256 * 1024
+    )
 
 
 def _copy(src: Path, dst: Path) -> Path:

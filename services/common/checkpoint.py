@@ -60,14 +60,28 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # are kept, MLA ranks, 2 ViT layers, a position table that real images get interpolated to.
     "tiny": {
         "vision": {
-            "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-            "intermediate_size": 96, "init_pos_emb_height": 16, "init_pos_emb_width": 16,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "intermediate_size": 96,
+            "init_pos_emb_height": 16,
+            "init_pos_emb_width": 16,
         },
         "text": {
-            "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "n_routed_experts": 8, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2,
-            "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 3,
+            "n_group": 4,
+            "topk_group": 2,
+            "kv_lora_rank": 32,
+            "qk_rope_head_dim": 16,
+            "qk_nope_head_dim": 32,
+            "v_head_dim": 32,
         },
     },
     # The release's widths (MoonViT 1152, decoder 2048, 64 experts of 1408, MLA 512/64/128)
@@ -79,16 +93,32 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 _RELEASE_VISION: dict[str, Any] = {
-    "model_type": "moonvit", "patch_size": 14, "init_pos_emb_height": 64, "init_pos_emb_width": 64,
-    "num_attention_heads": 16, "num_hidden_layers": 27, "hidden_size": 1152,
-    "intermediate_size": 4304, "merge_kernel_size": [2, 2],
+    "model_type": "moonvit",
+    "patch_size": 14,
+    "init_pos_emb_height": 64,
+    "init_pos_emb_width": 64,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 27,
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "merge_kernel_size": [2, 2],
 }
 _RELEASE_TEXT: dict[str, Any] = {
     **_TEXT_BASE,
-    "hidden_size": 2048, "intermediate_size": 11264, "moe_intermediate_size": 1408,
-    "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
-    "n_routed_experts": 64, "num_experts_per_tok": 6, "n_group": 1, "topk_group": 1,
-    "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
+    "hidden_size": 2048,
+    "intermediate_size": 11264,
+    "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "n_routed_experts": 64,
+    "num_experts_per_tok": 6,
+    "n_group": 1,
+    "topk_group": 1,
+    "kv_lora_rank": 512,
+    "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 128,
+    "v_head_dim": 128,
 }
 _PREPROCESSOR: dict[str, Any] = {
     "image_processor_type": "KimiVLImageProcessor",
@@ -108,7 +138,11 @@ def official_weight_shapes(cfg: KimiVLConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {
         "vision_tower.patch_embed.proj.weight": (v.hidden_size, 3, v.patch_size, v.patch_size),
         "vision_tower.patch_embed.proj.bias": (v.hidden_size,),
-        "vision_tower.patch_embed.pos_emb.weight": (v.init_pos_emb_height, v.init_pos_emb_width, v.hidden_size),
+        "vision_tower.patch_embed.pos_emb.weight": (
+            v.init_pos_emb_height,
+            v.init_pos_emb_width,
+            v.hidden_size,
+        ),
         "vision_tower.encoder.final_layernorm.weight": (v.hidden_size,),
         "vision_tower.encoder.final_layernorm.bias": (v.hidden_size,),
     }
@@ -126,14 +160,16 @@ def official_weight_shapes(cfg: KimiVLConfig) -> dict[str, tuple[int, ...]]:
             shapes[b + norm + ".weight"] = (v.hidden_size,)
             shapes[b + norm + ".bias"] = (v.hidden_size,)
     m = v.merged_dim
-    shapes.update({
-        "multi_modal_projector.pre_norm.weight": (v.hidden_size,),
-        "multi_modal_projector.pre_norm.bias": (v.hidden_size,),
-        "multi_modal_projector.linear_1.weight": (m, m),
-        "multi_modal_projector.linear_1.bias": (m,),
-        "multi_modal_projector.linear_2.weight": (t.hidden_size, m),
-        "multi_modal_projector.linear_2.bias": (t.hidden_size,),
-    })
+    shapes.update(
+        {
+            "multi_modal_projector.pre_norm.weight": (v.hidden_size,),
+            "multi_modal_projector.pre_norm.bias": (v.hidden_size,),
+            "multi_modal_projector.linear_1.weight": (m, m),
+            "multi_modal_projector.linear_1.bias": (m,),
+            "multi_modal_projector.linear_2.weight": (t.hidden_size, m),
+            "multi_modal_projector.linear_2.bias": (t.hidden_size,),
+        }
+    )
     shapes.update(_text_weight_shapes(cfg))
     return shapes
 
@@ -174,7 +210,8 @@ def _text_weight_shapes(cfg: KimiVLConfig) -> dict[str, tuple[int, ...]]:
             shapes.update(_mlp_shapes(p + "mlp.", h, t.intermediate_size))
             continue
         shapes[p + "mlp.gate.weight"] = (t.n_routed_experts, h)
-        shapes[p + "mlp.gate.e_score_correction_bias"] = (t.n_routed_experts,)
+        if t.topk_method == "noaux_tc":  # the correction bias exists only for aux-loss-free routing
+            shapes[p + "mlp.gate.e_score_correction_bias"] = (t.n_routed_experts,)
         for e in range(t.n_routed_experts):
             shapes.update(_mlp_shapes(f"{p}mlp.experts.{e}.", h, t.moe_intermediate_size))
         shapes.update(_mlp_shapes(p + "mlp.shared_experts.", h, t.n_shared_experts * t.moe_intermediate_size))
@@ -285,6 +322,8 @@ def write_checkpoint(
     _dump(out / CONFIG_FILE, raw)
     _dump(out / PREPROCESSOR_CONFIG_FILE, {**_PREPROCESSOR, **(processor_overrides or {})})
     stop_ids = [layout.special_ids["<|im_end|>"], layout.special_ids["[EOS]"]]
-    _dump(out / GENERATION_CONFIG_FILE, {"eos_token_id": stop_ids, "bos_token_id": layout.special_ids["[BOS]"]})
+    _dump(
+        out / GENERATION_CONFIG_FILE, {"eos_token_id": stop_ids, "bos_token_id": layout.special_ids["[BOS]"]}
+    )
     _write_shards(out, official_weight_shapes(cfg), seed, dtype, shard_bytes)
     return out

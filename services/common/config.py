@@ -229,8 +229,7 @@ def parse_vision_config(raw: dict[str, Any]) -> VisionConfig:
     _check(
         cfg.hidden_size % cfg.num_attention_heads == 0,
         where,
-        f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
-        f"{cfg.num_attention_heads}",
+        f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}",
     )
     _check(cfg.head_dim % 4 == 0, where, f"head_dim {cfg.head_dim} must be a multiple of 4 (2D rope)")
     return cfg
@@ -243,7 +242,9 @@ def parse_text_config(raw: dict[str, Any]) -> TextConfig:
     cfg = TextConfig(**values)
     _check(cfg.topk_method in _TOPK_METHODS, where, f"topk_method {cfg.topk_method!r} not in {_TOPK_METHODS}")
     _check(
-        cfg.scoring_func in _SCORING_FUNCS, where, f"scoring_func {cfg.scoring_func!r} not in {_SCORING_FUNCS}"
+        cfg.scoring_func in _SCORING_FUNCS,
+        where,
+        f"scoring_func {cfg.scoring_func!r} not in {_SCORING_FUNCS}",
     )
     _check(cfg.hidden_act == "silu", where, f"hidden_act {cfg.hidden_act!r} is not supported (only silu)")
     if cfg.n_routed_experts > 0:
@@ -289,9 +290,7 @@ def parse_config(raw: dict[str, Any]) -> KimiVLConfig:
         "config.json",
         f"media_placeholder_token_id {pad_id} is outside the vocabulary ({text.vocab_size})",
     )
-    return KimiVLConfig(
-        vision_config=vision, text_config=text, media_placeholder_token_id=pad_id, raw=raw
-    )
+    return KimiVLConfig(vision_config=vision, text_config=text, media_placeholder_token_id=pad_id, raw=raw)
 
 
 def parse_processor_config(raw: dict[str, Any], vision: VisionConfig | None = None) -> ProcessorConfig:
@@ -313,8 +312,7 @@ def parse_processor_config(raw: dict[str, Any], vision: VisionConfig | None = No
         _check(
             cfg.merge_kernel_size == vision.merge_kernel_size,
             where,
-            f"merge_kernel_size {cfg.merge_kernel_size} contradicts vision_config "
-            f"{vision.merge_kernel_size}",
+            f"merge_kernel_size {cfg.merge_kernel_size} contradicts vision_config {vision.merge_kernel_size}",
         )
     return cfg
 

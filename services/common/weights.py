@@ -124,7 +124,11 @@ def _validate(
                     wrong.append(f"{key} has shape {list(shape)}, expected {list(target.shape)}")
     problems = [
         _listing(title, keys)
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+        for title, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", wrong),
+        )
         if keys
     ]
     if problems:

@@ -54,11 +54,17 @@ class LLMEngine:
             self.config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
         )
         self.cache = PagedKVCache(
-            cfg.num_hidden_layers, self.config.num_blocks, self.config.block_size, cfg.latent_dim,
-            self.dtype, self.device,
+            cfg.num_hidden_layers,
+            self.config.num_blocks,
+            self.config.block_size,
+            cfg.latent_dim,
+            self.dtype,
+            self.device,
         )
         self.scheduler = Scheduler(
-            self.config.num_blocks, self.config.block_size, self.config.max_num_seqs,
+            self.config.num_blocks,
+            self.config.block_size,
+            self.config.max_num_seqs,
             self.config.max_num_batched_tokens,
         )
         self._seqs: dict[int, Sequence] = {}
@@ -72,18 +78,24 @@ class LLMEngine:
             raise InvalidInputError("the prompt is empty")
         if prompt_embeds is not None and tuple(prompt_embeds.shape) != (n, self.model.cfg.hidden_size):
             raise InvalidInputError(
-                f"prompt_embeds has shape {list(prompt_embeds.shape)}, expected [{n}, {self.model.cfg.hidden_size}]"
+                f"prompt_embeds has shape {list(prompt_embeds.shape)}, "
+                f"expected [{n}, {self.model.cfg.hidden_size}]"
             )
         if bad := [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size][:5]:
             raise InvalidInputError(f"token ids outside the vocabulary: {bad}")
         if n + 1 > self.max_model_len:
-            raise InvalidInputError(f"the prompt has {n} tokens; this model serves at most {self.max_model_len - 1}")
+            raise InvalidInputError(
+                f"the prompt has {n} tokens; this model serves at most {self.max_model_len - 1}"
+            )
         capacity = self.config.num_blocks * self.config.block_size
         if n + 1 > capacity:
             raise CapacityError(f"the prompt has {n} tokens; the KV cache holds {capacity}")
         seq = Sequence(
-            seq_id=self.scheduler.new_seq_id(), prompt_ids=list(prompt_ids), params=params,
-            prompt_embeds=prompt_embeds, generator=make_generator(params),
+            seq_id=self.scheduler.new_seq_id(),
+            prompt_ids=list(prompt_ids),
+            params=params,
+            prompt_embeds=prompt_embeds,
+            generator=make_generator(params),
         )
         self._seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
@@ -140,8 +152,11 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         context = [s.num_computed + n for s, n in zip(batch.seqs, batch.query_lens, strict=True)]
         attn = AttentionMetadata.build(
-            [s.block_table for s in batch.seqs], batch.query_lens, context,
-            block_size=self.config.block_size, device=self.device,
+            [s.block_table for s in batch.seqs],
+            batch.query_lens,
+            context,
+            block_size=self.config.block_size,
+            device=self.device,
         )
         input_ids, embeds = self._inputs(batch)
         hidden = self.model(
@@ -172,6 +187,8 @@ class LLMEngine:
         if not seq.params.ignore_eos and token in seq.params.stop_token_ids:
             return "stop"
         capacity = self.config.num_blocks * self.config.block_size
-        if len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= min(self.max_model_len, capacity):
+        if len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= min(
+            self.max_model_len, capacity
+        ):
             return "length"
         return None

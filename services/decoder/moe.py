@@ -57,9 +57,11 @@ class MoEGate(nn.Module):
         self.weight = nn.Parameter(torch.empty(e, h, dtype=torch.float32))
         # only noaux_tc checkpoints carry the bias (as in the reference MoEGate)
         if cfg.topk_method == "noaux_tc":
-            self.e_score_correction_bias = nn.Parameter(torch.zeros(e, dtype=torch.float32), requires_grad=False)
+            self.e_score_correction_bias = nn.Parameter(
+                torch.zeros(e, dtype=torch.float32), requires_grad=False
+            )
         else:
-            self.e_score_correction_bias = None
+            self.register_parameter("e_score_correction_bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> router logits [T, E] fp32."""
@@ -71,7 +73,8 @@ class FusedExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
@@ -96,7 +99,9 @@ class FusedExperts(nn.Module):
         """Copy one per-expert checkpoint tensor (e.g. `3.up_proj.weight`) into its fused slice."""
         slot = self._slot(name)
         if tuple(tensor.shape) != tuple(slot.shape):
-            raise CheckpointError(f"expert key {name!r} has shape {list(tensor.shape)}, expected {list(slot.shape)}")
+            raise CheckpointError(
+                f"expert key {name!r} has shape {list(tensor.shape)}, expected {list(slot.shape)}"
+            )
         with torch.no_grad():
             slot.copy_(tensor)
 
@@ -134,7 +139,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
-        # route → experts → combine: x ─gate→ [T,E] ─select_experts→ w,ids [T,K] ─experts→ Σ_k w·E_k(x) + shared(x)
+        # route → experts → combine: x ─gate→ [T,E] ─select_experts→ w,ids [T,K] ─experts→ Σ w·E(x) +shared(x)
         topk_weights, topk_ids = select_experts(self.gate(x), self.gate.e_score_correction_bias, self.cfg)
         out = self.experts(x, topk_weights, topk_ids)
         return out if self.shared_experts is None else out + self.shared_experts(x)

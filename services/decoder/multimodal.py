@@ -27,7 +27,8 @@ def merge_image_embeddings(
         )
     if image_embeds.shape[-1] != inputs_embeds.shape[-1]:
         raise InvalidInputError(
-            f"image embeddings have width {image_embeds.shape[-1]}, the decoder expects {inputs_embeds.shape[-1]}"
+            f"image embeddings have width {image_embeds.shape[-1]}, "
+            f"the decoder expects {inputs_embeds.shape[-1]}"
         )
     out = inputs_embeds.clone()
     out[mask] = image_embeds.to(dtype=out.dtype, device=out.device)

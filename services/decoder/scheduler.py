@@ -64,7 +64,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
         self.allocator = BlockAllocator(num_blocks)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -139,7 +141,11 @@ class Scheduler:
         """Account for the tokens the model just cached; promote fully prefilled sequences."""
         for seq, n in zip(batch.seqs, batch.query_lens, strict=True):
             seq.num_computed += n
-            if batch.is_prefill and seq.num_computed == seq.num_tokens and seq.status is SequenceStatus.WAITING:
+            if (
+                batch.is_prefill
+                and seq.num_computed == seq.num_tokens
+                and seq.status is SequenceStatus.WAITING
+            ):
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
 
