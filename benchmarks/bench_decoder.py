@@ -29,76 +29,90 @@ from services.decoder.hf_reference import export_hf_decoder, load_hf_decoder
 from services.decoder.sampling import SamplingParams
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def _ours(model, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
-    engine = LLMEngine(model, EngineConfig(block_size=16, kv_cache_tokens=len(prompt) + new_tokens + 64))
+class _Ours:
+    def __init__(self, model, prompt: list[int], new_tokens: int) -> None:
+        cache_tokens = len(prompt) + new_tokens + 64
+        self.engine = LLMEngine(model, EngineConfig(block_size=16, kv_cache_tokens=cache_tokens))
+        self.prompt, self.new_tokens = prompt, new_tokens
 
-    def prefill() -> None:
-        next(iter(engine.generate(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))))
-
-    def full() -> None:
-        for _ in engine.generate(prompt[:32], SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)):
+    def _run(self, prompt: list[int], n: int) -> None:
+        for _ in self.engine.generate(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)):
             pass
 
-    def first_only() -> None:
-        for _ in engine.generate(prompt[:32], SamplingParams(max_new_tokens=1, ignore_eos=True)):
-            pass
+    def prefill(self) -> None:
+        self._run(self.prompt, 1)
 
-    t_prefill = _median_time(prefill, repeats)
-    t_decode = _median_time(full, repeats) - _median_time(first_only, repeats)
-    return len(prompt) / t_prefill, (new_tokens - 1) / t_decode
+    def decode(self, n: int) -> None:
+        self._run(self.prompt[:DECODE_PROMPT], n)
 
 
-def _transformers(ref, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
-    ids = torch.tensor([prompt])
-    short = ids[:, :32]
+class _Transformers:
+    def __init__(self, model, prompt: list[int], new_tokens: int) -> None:
+        self.model, self.ids = model, torch.tensor([prompt])
 
     @torch.inference_mode()
-    def prefill() -> None:
-        ref(ids, use_cache=True)
+    def prefill(self) -> None:
+        self.model(self.ids, use_cache=True)
 
     @torch.inference_mode()
-    def generate(n: int) -> None:
-        ref.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    def decode(self, n: int) -> None:
+        short = self.ids[:, :DECODE_PROMPT]
+        self.model.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    t_prefill = _median_time(prefill, repeats)
-    t_decode = _median_time(lambda: generate(new_tokens), repeats) - _median_time(
-        lambda: generate(1), repeats
-    )
-    return len(prompt) / t_prefill, (new_tokens - 1) / t_decode
+
+def _measure(runners: dict, new_tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median prefill and decode seconds per runner, runs interleaved so noise hits all alike.
+
+    Decode time = time(prompt + new_tokens) - time(prompt + 1 token): the tokens after the first.
+    """
+    samples: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in runners}
+    for r in range(repeats + 1):  # the first round warms up
+        for name, runner in runners.items():
+            prefill = _timed(runner.prefill)
+            full = _timed(lambda runner=runner: runner.decode(new_tokens))
+            decode = full - _timed(lambda runner=runner: runner.decode(1))
+            if r:
+                samples[name]["prefill"].append(prefill)
+                samples[name]["decode"].append(decode)
+    return {k: (statistics.median(v["prefill"]), statistics.median(v["decode"])) for k, v in samples.items()}
+
+
+DECODE_PROMPT = 32
 
 
 def bench_preset(preset: str, prefill_len: int, new_tokens: int, repeats: int, dtype: torch.dtype) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(Path(tmp) / preset, preset=preset, dtype=dtype, shard_bytes=512 * 2**20)
-        ours = load_text_model(ckpt, dtype)
+        hf_dir = Path(tmp) / "hf"
         prompt = torch.randint(0, 1000, (prefill_len,), generator=torch.Generator().manual_seed(0)).tolist()
-        our_prefill, our_decode = _ours(ours, prompt, new_tokens, repeats)
-        del ours
-        ref = load_hf_decoder(export_hf_decoder(ckpt, Path(tmp) / "hf", eos=False), dtype)
-        hf_prefill, hf_decode = _transformers(ref, prompt, new_tokens, repeats)
-    return {
+        runners = {
+            "ours": _Ours(load_text_model(ckpt, dtype), prompt, new_tokens),
+            "hf": _Transformers(
+                load_hf_decoder(export_hf_decoder(ckpt, hf_dir, eos=False), dtype), prompt, new_tokens
+            ),
+        }
+        times = _measure(runners, new_tokens, repeats)
+    (our_prefill, our_decode), (hf_prefill, hf_decode) = times["ours"], times["hf"]
+    row = {
         "preset": preset,
         "dtype": str(dtype).removeprefix("torch."),
         "prefill_len": prefill_len,
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
-        "ours_prefill_tok_s": our_prefill,
-        "hf_prefill_tok_s": hf_prefill,
-        "ours_decode_tok_s": our_decode,
-        "hf_decode_tok_s": hf_decode,
-        "prefill_ratio": our_prefill / hf_prefill,
-        "decode_ratio": our_decode / hf_decode,
+        "ours_prefill_tok_s": prefill_len / our_prefill,
+        "hf_prefill_tok_s": prefill_len / hf_prefill,
+        "ours_decode_tok_s": (new_tokens - 1) / our_decode,
+        "hf_decode_tok_s": (new_tokens - 1) / hf_decode,
     }
+    row["prefill_ratio"] = row["ours_prefill_tok_s"] / row["hf_prefill_tok_s"]
+    row["decode_ratio"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
+    return row
 
 
 def main() -> None:
@@ -108,7 +122,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "mid"])
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()

@@ -36,9 +36,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # one fused kernel for the normalisation (x·rsqrt(mean(x²)+eps)); the weight comes after
+        # the cast back, as in the reference, so bf16 rounds at the same place
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class MLAttention(nn.Module):
@@ -61,6 +62,8 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(nh * cfg.v_head_dim, h, bias=bias)
+        # derived from kv_b_proj for the absorbed decode; not state (see `_absorbed_weights`)
+        self._absorbed: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self,
@@ -87,10 +90,18 @@ class MLAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def _kv_b_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj's weight split per head: W_uk [nH, nope, R], W_uv [nH, v, R]."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's halves in the layouts the decode matmuls read: W_uk [nH, nope, R] and
+        W_uv transposed [nH, R, v], contiguous. Made once per weight version (slicing the weight
+        per step made every decode step copy both, ~45% of a step at the release's sizes)."""
+        w = self.kv_b_proj.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._absorbed is None or self._absorbed[0] != key:
+            w3 = w.detach().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            w_uk = w3[:, : self.nope_dim].contiguous()
+            w_uv_t = w3[:, self.nope_dim :].transpose(1, 2).contiguous()
+            self._absorbed = (key, w_uk, w_uv_t)
+        return self._absorbed[1], self._absorbed[2]
 
     def _prefill_expanded(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, attn: AttentionMetadata, kv_cache: PagedKVCache
@@ -117,18 +128,21 @@ class MLAttention(nn.Module):
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, attn: AttentionMetadata, kv_cache: PagedKVCache
     ) -> torch.Tensor:
         """One query per sequence, attention in latent space. -> [B, nH, v]."""
-        w_uk, w_uv = self._kv_b_halves()
-        q_lat = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)  # [B, nH, R]
-        q_abs = torch.cat([q_lat, q_pe], dim=-1)  # [B, nH, D]: scored against [c_kv | k_pe]
-        latents = kv_cache.gather(self.layer_idx, attn.block_tables, attn.max_context_len)  # [B, C, D]
-        latents = latents.to(q_abs.dtype)
-        pos = torch.arange(latents.shape[1], device=latents.device)
+        w_uk, w_uv_t = self._absorbed_weights()
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [nH, B, nope] @ [nH, nope, R] -> [nH, B, R]
+        q_abs = torch.cat([q_lat.transpose(0, 1), q_pe], dim=-1)  # [B, nH, D]: against [c_kv | k_pe]
+        # read whole blocks (C = table width × block size, the tail masked): the shape then changes
+        # once per block, not per step — each new shape costs a fresh oneDNN kernel on CPU
+        length = attn.block_tables.shape[1] * attn.block_size
+        latents = kv_cache.gather(self.layer_idx, attn.block_tables, length).to(q_abs.dtype)  # [B, C, D]
+        pos = torch.arange(length, device=latents.device)
         mask = pos[None, :] < attn.context_lens_tensor[:, None]  # [B, C]
-        scores = torch.einsum("bhd,bcd->bhc", q_abs, latents) * self.scale
+        # latents stay the row-major operand: a transposed bf16 operand takes a slow path on CPU
+        scores = torch.bmm(latents, q_abs.transpose(1, 2)).transpose(1, 2) * self.scale  # [B, nH, C]
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_abs.dtype)  # [B, nH, C]
-        o_lat = torch.einsum("bhc,bcr->bhr", probs, latents[..., : self.kv_lora_rank])  # [B, nH, R]
-        return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)  # [B, nH, v]
+        o_lat = torch.bmm(probs, latents[..., : self.kv_lora_rank])  # [B, nH, R]
+        return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [nH, B, v] -> [B, nH, v]
 
 
 def _attend(
