@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from services.common.config import KimiVLConfig, load_config
-from services.common.weights import load_weights, meta_build
+from services.common.config import KimiVLConfig
+from services.common.weights import build_and_load
 from services.decoder.model import DecoderForCausalLM
 from services.vision_encoder.moonvit import MoonViT, MultiModalProjector
+
+VISION_SCOPE = ("vision_tower.", "multi_modal_projector.")
 
 
 class VisionEncoder(nn.Module):
@@ -55,11 +57,8 @@ def load_kimi_vl(
     *,
     progress: bool = False,
 ) -> KimiVLForConditionalGeneration:
-    cfg = load_config(checkpoint_dir)
-    with meta_build(dtype):
-        model = KimiVLForConditionalGeneration(cfg)
-    load_weights(model, checkpoint_dir, device=device, progress=progress)
-    return model
+    model = build_and_load(KimiVLForConditionalGeneration, checkpoint_dir, dtype, device, progress=progress)
+    return model  # type: ignore[return-value]
 
 
 def load_vision_encoder(
@@ -69,14 +68,8 @@ def load_vision_encoder(
     *,
     progress: bool = False,
 ) -> VisionEncoder:
-    """MoonViT + projector only (`vision_tower.*`, `multi_modal_projector.*`)."""
-    cfg = load_config(checkpoint_dir)
-    with meta_build(dtype):
-        model = VisionEncoder(cfg)
-    # The decoder's keys are someone else's: load only the vision prefixes.
-    for prefix, part in (
-        ("vision_tower.", model.vision_tower),
-        ("multi_modal_projector.", model.multi_modal_projector),
-    ):
-        load_weights(part, checkpoint_dir, prefix=prefix, device=device, progress=progress)
-    return model
+    """MoonViT + projector only (`vision_tower.*`, `multi_modal_projector.*`; decoder keys skipped)."""
+    model = build_and_load(
+        VisionEncoder, checkpoint_dir, dtype, device, scope=VISION_SCOPE, progress=progress
+    )
+    return model  # type: ignore[return-value]

@@ -108,3 +108,14 @@ def test_missing_shard_file_and_index(tiny, tmp_path):
     (ckpt / INDEX_FILE).unlink()
     with pytest.raises(CheckpointError, match="neither"):
         load_text_model(ckpt, torch.float32)
+
+
+def test_vision_encoder_loads_only_its_keys(tiny):
+    from services.kimi_vl import load_vision_encoder
+
+    encoder = load_vision_encoder(tiny, torch.float32)
+    names = {n for n, _ in encoder.named_parameters()}
+    assert names and all(n.startswith(("vision_tower.", "multi_modal_projector.")) for n in names)
+    whole = load_kimi_vl(tiny, torch.float32)
+    for name, param in encoder.named_parameters():
+        assert torch.equal(param, whole.get_parameter(name))

@@ -20,12 +20,16 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from services.common.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from services.common.config import KimiVLConfig
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +111,9 @@ def _listing(title: str, keys: list[str]) -> str:
 
 
 def _validate(
-    targets: dict[str, _Target], weight_map: dict[str, Path], prefix: str, checkpoint_dir: Path
+    targets: dict[str, _Target], weight_map: dict[str, Path], scope: tuple[str, ...], checkpoint_dir: Path
 ) -> None:
-    available = {k for k in weight_map if k.startswith(prefix)}
+    available = {k for k in weight_map if k.startswith(scope)}
     missing = sorted(set(targets) - available)
     unexpected = sorted(available - set(targets))
     wrong: list[str] = []
@@ -149,18 +153,22 @@ def load_weights(
     checkpoint_dir: str | Path,
     *,
     prefix: str = "",
+    scope: tuple[str, ...] | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> nn.Module:
-    """Fill `model` (built on the meta device) with the checkpoint's `prefix`-ed weights.
+    """Fill `model` (built on the meta device) with the checkpoint's weights.
 
-    Raises CheckpointError naming every missing, unexpected and wrongly shaped key before any
-    memory is allocated. Tensors are converted to each parameter's own dtype on copy.
+    The model's parameter names are the checkpoint keys after `prefix`. `scope` lists the key
+    prefixes the model covers (default: `prefix`, i.e. everything when it is empty); keys outside
+    it belong to other parts of the model and are not loaded. Raises CheckpointError naming every
+    missing, unexpected (within scope) and wrongly shaped key before any memory is allocated.
+    Tensors are converted to each parameter's own dtype on copy.
     """
     root = Path(checkpoint_dir)
     weight_map = checkpoint_weight_map(root)
     targets = _module_targets(model, prefix)
-    _validate(targets, weight_map, prefix, root)
+    _validate(targets, weight_map, scope if scope is not None else (prefix,), root)
     model.to_empty(device=device)
     keys = sorted(targets, key=lambda k: (str(weight_map[k]), k))
     handles: dict[Path, object] = {}
@@ -192,6 +200,25 @@ def meta_build(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def build_and_load(
+    build: Callable[[KimiVLConfig], nn.Module],
+    checkpoint_dir: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    prefix: str = "",
+    scope: tuple[str, ...] | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Parse the checkpoint's config, build `build(config)` on the meta device, load its weights."""
+    from services.common.config import load_config
+
+    cfg = load_config(checkpoint_dir)
+    with meta_build(dtype):
+        model = build(cfg)
+    return load_weights(model, checkpoint_dir, prefix=prefix, scope=scope, device=device, progress=progress)
+
+
 def load_text_model(
     checkpoint_dir: str | Path,
     dtype: torch.dtype = torch.bfloat16,
@@ -200,10 +227,9 @@ def load_text_model(
     progress: bool = False,
 ) -> nn.Module:
     """The decoder (`language_model.*` weights) of a Kimi-VL checkpoint."""
-    from services.common.config import load_config
     from services.decoder.model import DecoderForCausalLM
 
-    cfg = load_config(checkpoint_dir)
-    with meta_build(dtype):
-        model = DecoderForCausalLM(cfg.text_config)
-    return load_weights(model, checkpoint_dir, prefix="language_model.", device=device, progress=progress)
+    return build_and_load(
+        lambda cfg: DecoderForCausalLM(cfg.text_config),
+        checkpoint_dir, dtype, device, prefix="language_model.", progress=progress,
+    )  # fmt: skip
