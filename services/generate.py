@@ -124,9 +124,8 @@ class OfflinePipeline:
         processed = self.processor.preprocess(images)
         ids = encode_chat(self.tokenizer, messages, image_token_counts=processed.num_tokens).input_ids
         device = next(self.model.parameters()).device
-        image_embeds = self.model.encode_images(
-            processed.pixel_values.to(device), processed.image_grid_hws.to(device)
-        )
+        # grids stay on the host: MoonViT reads them to lay out attention (no device sync)
+        image_embeds = self.model.encode_images(processed.pixel_values.to(device), processed.image_grid_hws)
         ids_t = torch.tensor(ids, device=device)
         with torch.inference_mode():
             embeds = self.model.language_model.embed(ids_t)
