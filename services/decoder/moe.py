@@ -1,10 +1,12 @@
 """The DeepSeek-V3 MoE layer: a fp32 router, fused routed experts and a dense shared expert.
 
 Routed experts are stored fused (`experts.w13` [E, 2·I, H] = gate rows then up rows, `experts.w2`
-[E, H, I]) for batched kernels later; the checkpoint keeps one module per expert, so `FusedExperts`
+[E, H, I]) for the grouped-GEMM kernels; the checkpoint keeps one module per expert, so `FusedExperts`
 speaks the loader's custom-load protocol (`checkpoint_keys` / `load_checkpoint_tensor`).
-Routing sits behind `select_experts`, so a Triton kernel can replace the reference without
-touching this module. Knows nothing about attention, caches or parallelism.
+Routing (`select_experts`) and the routed experts (`FusedExperts.forward`) are each one dispatch
+point: the Triton kernels on CUDA tensors, their PyTorch references elsewhere, either forced by
+KIMI_VL_MOE_BACKEND (see `triton_kernels._backend`). Knows nothing about attention, caches or
+parallelism.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 from services.common.config import TextConfig
 from services.common.errors import CheckpointError
-from triton_kernels.routing import grouped_topk_ref
+from triton_kernels import fused_experts, fused_experts_ref, grouped_topk, grouped_topk_ref, use_kernels
 
 
 class MLP(nn.Module):
@@ -35,7 +37,8 @@ def select_experts(
     router_logits: torch.Tensor, correction_bias: torch.Tensor | None, cfg: TextConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] fp32 -> (topk_weights [T, K] fp32, topk_ids [T, K] int32)."""
-    return grouped_topk_ref(
+    route = grouped_topk if use_kernels(router_logits) else grouped_topk_ref
+    return route(
         router_logits,
         correction_bias,
         top_k=cfg.num_experts_per_tok,
@@ -108,24 +111,10 @@ class FusedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_weights [T, K] fp32, topk_ids [T, K] int32 -> [T, H].
 
-        Loops only over experts that received tokens (a decode step touches K of them); the
-        weighted sum is accumulated in fp32 and cast once, as the reference combine does.
+        The weighted sum is accumulated in fp32 and cast once on both paths.
         """
-        k = topk_ids.shape[1]
-        flat_ids, order = topk_ids.flatten().long().sort(stable=True)  # [T·K], grouped by expert
-        experts, counts = torch.unique_consecutive(flat_ids, return_counts=True)
-        token_of = order // k  # [T·K] source token of each (token, slot) pair
-        weight_of = topk_weights.flatten()[order]
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
-        start = 0
-        for e, n in zip(experts.tolist(), counts.tolist(), strict=True):
-            tokens = token_of[start : start + n]
-            xe = x.index_select(0, tokens)  # [n, H]
-            gate, up = F.linear(xe, self.w13[e]).chunk(2, dim=-1)  # [n, I] each
-            ye = F.linear(F.silu(gate) * up, self.w2[e])  # [n, H]
-            out.index_add_(0, tokens, ye.float() * weight_of[start : start + n, None])
-            start += n
-        return out.to(x.dtype)
+        run = fused_experts if use_kernels(x) else fused_experts_ref
+        return run(x, self.w13, self.w2, topk_weights, topk_ids)
 
 
 class MoE(nn.Module):
