@@ -1,0 +1,197 @@
+"""Ray Serve shim of the preprocessing core: gRPC `kimi_vl.v1.Preprocess/Preprocess`.
+
+`PreprocessServer` translates `PreprocessRequest` protos into core types, runs
+`PreprocessEngine.process` in a worker thread (decoding and patching never hold the replica's
+event loop) and translates the result back; tensors cross the wire only through
+`services.common.tensor_codec`. Project errors become gRPC status codes through
+`services.common.errors.status_for` (a malformed request: INVALID_ARGUMENT with the reason), set on
+the call's `grpc_context`; the replica keeps serving.
+
+`build_app(args)` returns the application, so a Serve config can name it
+(`import_path: services.preprocess.server:build_app`, see cluster/preprocess.yaml). Settings live
+here, at the service edge: the checkpoint whose `preprocessor_config.json` is read (once, when the
+app is built), the limits, the video defaults, replica CPUs and autoscaling. Serve's gRPC proxy
+must be started with `GRPC_SERVICER_FUNCTION` among its `grpc_servicer_functions`; clients name the
+application in their metadata (`("application", name)`) and raise `grpc.max_receive_message_length`
+above gRPC's 4 MB default — patches are float32, ~24 MB for a 1080p image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from ray import serve
+from ray.serve import Application
+from ray.serve.grpc_util import RayServegRPCContext
+
+from protos.kimi_vl.v1 import preprocess_pb2 as pb
+from services.common import tensor_codec
+from services.common.config import ProcessorConfig, load_processor_config
+from services.common.errors import InvalidInputError, status_for
+from services.preprocess.core import PreprocessEngine, PreprocessLimits, ProcessedItem
+from services.preprocess.media import MediaInput, MediaKind
+from services.preprocess.video import VideoSampling
+
+logger = logging.getLogger(__name__)
+
+GRPC_SERVICER_FUNCTION = "protos.kimi_vl.v1.preprocess_pb2_grpc.add_PreprocessServicer_to_server"
+DEPLOYMENT_NAME = "PreprocessServer"
+DEFAULT_NUM_CPUS = 1.0
+DEFAULT_MAX_ONGOING_REQUESTS = 8
+DEFAULT_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
+
+_KIND_FROM_PROTO = {
+    pb.MEDIA_KIND_AUTO: MediaKind.AUTO,
+    pb.MEDIA_KIND_IMAGE: MediaKind.IMAGE,
+    pb.MEDIA_KIND_VIDEO: MediaKind.VIDEO,
+}
+_KIND_TO_PROTO = {kind: code for code, kind in _KIND_FROM_PROTO.items()}
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Everything a replica needs; built once on the driver and shipped to every replica."""
+
+    processor: ProcessorConfig
+    limits: PreprocessLimits = field(default_factory=PreprocessLimits)
+    video: VideoSampling = field(default_factory=VideoSampling)  # defaults of unset request options
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> PreprocessSettings:
+        """From a Serve config's `args`: `checkpoint_dir` (required), `limits`, `video`."""
+        unknown = sorted(set(args) - {"checkpoint_dir", "limits", "video"})
+        if unknown:
+            raise InvalidInputError(f"unknown preprocess setting(s): {', '.join(unknown)}")
+        if "checkpoint_dir" not in args:
+            raise InvalidInputError("preprocess settings need checkpoint_dir (for preprocessor_config.json)")
+        return cls(
+            processor=load_processor_config(args["checkpoint_dir"]),
+            limits=PreprocessLimits.from_dict(dict(args.get("limits") or {})),
+            video=VideoSampling(**dict(args.get("video") or {})),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# proto <-> core
+# ---------------------------------------------------------------------------------------------
+
+
+def items_from_proto(request: pb.PreprocessRequest) -> list[MediaInput]:
+    items = []
+    for i, item in enumerate(request.items):
+        source = item.WhichOneof("source")
+        if source is None:
+            raise InvalidInputError(f"item {i}: no source set (data, base64 or url)")
+        kind = _KIND_FROM_PROTO.get(item.kind)
+        if kind is None:
+            raise InvalidInputError(f"item {i}: unknown media kind {item.kind}")
+        items.append(MediaInput(kind=kind, **{source: getattr(item, source)}))
+    return items
+
+
+def sampling_from_proto(options: pb.VideoOptions, defaults: VideoSampling) -> VideoSampling:
+    return VideoSampling(
+        fps=options.fps if options.HasField("fps") else defaults.fps,
+        max_frames=options.max_frames if options.HasField("max_frames") else defaults.max_frames,
+        frame_token_limit=(
+            options.frame_token_limit if options.HasField("frame_token_limit") else defaults.frame_token_limit
+        ),
+    )
+
+
+def item_to_proto(item: ProcessedItem) -> pb.ProcessedItem:
+    return pb.ProcessedItem(
+        kind=_KIND_TO_PROTO[item.kind],
+        pixel_values=tensor_codec.encode(item.pixel_values),
+        grid_hws=tensor_codec.encode(item.image_grid_hws),
+        num_tokens=item.num_tokens,
+        content_hash=item.content_hash,
+        frames=[
+            pb.Frame(
+                index=f.index,
+                timestamp_s=f.timestamp_s,
+                timestamp=f.timestamp,
+                content_hash=f.content_hash,
+                num_tokens=f.num_tokens,
+            )
+            for f in item.frames
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The shim
+# ---------------------------------------------------------------------------------------------
+
+
+class PreprocessServer:
+    """gRPC servicer of `kimi_vl.v1.Preprocess`; plain class (tests use it without Ray)."""
+
+    def __init__(self, settings: PreprocessSettings, engine: PreprocessEngine | None = None) -> None:
+        # OpenCV hands video files to FFmpeg: let it open local files only (no http/concat tricks)
+        os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "protocol_whitelist;file")
+        self.settings = settings
+        self.engine = engine or PreprocessEngine(settings.processor, settings.limits)
+
+    def handle(self, request: pb.PreprocessRequest) -> pb.PreprocessResponse:
+        """The whole request, synchronously: proto → core → proto."""
+        items = items_from_proto(request)
+        sampling = sampling_from_proto(request.video, self.settings.video)
+        processed = self.engine.process(items, sampling)
+        return pb.PreprocessResponse(items=[item_to_proto(p) for p in processed])
+
+    async def Preprocess(  # noqa: N802 — Serve routes by the RPC's name
+        self, request: pb.PreprocessRequest, grpc_context: RayServegRPCContext | None = None
+    ) -> pb.PreprocessResponse:
+        try:
+            return await asyncio.to_thread(self.handle, request)
+        except Exception as e:  # the service edge: every failure becomes a status
+            _, code_name = status_for(e)
+            request_id = grpc_context.request_id() if grpc_context is not None else None
+            if code_name == "INTERNAL":
+                logger.exception("preprocess request %s failed", request_id)
+                details = "internal error" + (f" (request {request_id})" if request_id else "")
+            else:
+                logger.info("preprocess request %s refused: %s", request_id, e)
+                details = str(e)
+            if grpc_context is None:
+                raise
+            grpc_context.set_code(grpc.StatusCode[code_name])
+            grpc_context.set_details(details)
+            return pb.PreprocessResponse()
+
+    async def check_health(self) -> None:
+        """Serve's health probe: the engine exists (no work to check)."""
+
+
+PreprocessDeployment = serve.deployment(
+    name=DEPLOYMENT_NAME,
+    ray_actor_options={"num_cpus": DEFAULT_NUM_CPUS, "num_gpus": 0},
+    autoscaling_config=DEFAULT_AUTOSCALING,
+    max_ongoing_requests=DEFAULT_MAX_ONGOING_REQUESTS,
+)(PreprocessServer)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The preprocessing application.
+
+    args: `checkpoint_dir` (required), `limits` (PreprocessLimits fields; `urls` a dict of UrlPolicy
+    fields), `video` (VideoSampling defaults), and deployment options `num_cpus`,
+    `autoscaling_config`, `max_ongoing_requests`. A Serve config's `deployments:` entry overrides
+    the deployment options.
+    """
+    args = dict(args)
+    options: dict[str, Any] = {}
+    if "num_cpus" in args:
+        options["ray_actor_options"] = {"num_cpus": float(args.pop("num_cpus")), "num_gpus": 0}
+    if "autoscaling_config" in args:
+        options["autoscaling_config"] = {**DEFAULT_AUTOSCALING, **args.pop("autoscaling_config")}
+    if "max_ongoing_requests" in args:
+        options["max_ongoing_requests"] = int(args.pop("max_ongoing_requests"))
+    settings = PreprocessSettings.from_args(args)
+    return PreprocessDeployment.options(**options).bind(settings)
