@@ -451,3 +451,20 @@ def test_make_cache_picks_the_backend(unreachable_redis_url):
     remote = make_cache(unreachable_redis_url, lru_bytes=1 << 20, ttl_s=60)
     assert isinstance(remote, RedisEmbeddingCache) and remote.ttl_s == 60
     remote.close()
+
+
+def test_fingerprint_covers_the_encoder_weights_and_dtype_only(tmp_path):
+    from services.common.checkpoint import write_checkpoint
+    from services.vision_encoder.cache import model_fingerprint
+
+    base = write_checkpoint(tmp_path / "base", seed=1, dtype=torch.float32)
+    decoder_changed = write_checkpoint(
+        tmp_path / "dec", seed=1, dtype=torch.float32, text_overrides={"num_hidden_layers": 2}
+    )
+    vision_changed = write_checkpoint(
+        tmp_path / "vis", seed=1, dtype=torch.float32, vision_overrides={"num_hidden_layers": 3}
+    )
+    fp = model_fingerprint(base)
+    assert model_fingerprint(decoder_changed) == fp  # decoder-only change: embeddings unchanged
+    assert model_fingerprint(vision_changed) != fp
+    assert model_fingerprint(base, dtype=torch.bfloat16) != model_fingerprint(base, dtype=torch.float32)
