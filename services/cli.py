@@ -1,7 +1,8 @@
 """The `kimi-vl` command line.
 
 Subcommands: `make-checkpoint` (write a small checkpoint in the official layout), `generate`
-(answer one chat turn offline) and `preprocess` (images and videos → MoonViT patches in a `.npz`).
+(answer one chat turn offline), `preprocess` (images and videos → MoonViT patches in a `.npz`) and
+`encode` (images and videos → projected embeddings in a `.npz`, through the embedding cache).
 Flags and JSON output are a stable interface: scripts depend on them. Errors the user can fix
 print one line on stderr and exit with status 2.
 """
@@ -21,6 +22,8 @@ from services.common.errors import KimiVLError
 
 if TYPE_CHECKING:
     from services.preprocess.core import ProcessedItem
+    from services.vision_encoder.cache import EmbeddingCache
+    from services.vision_encoder.engine import EncodedImage, EncoderEngine
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,6 +156,134 @@ def _item_json(path: str, item: ProcessedItem) -> dict:
     }
 
 
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from services.common.errors import InvalidInputError
+    from services.vision_encoder.redis_cache import make_cache
+
+    try:
+        cache = make_cache(args.redis, lru_bytes=1 << 30)
+    except ValueError as e:
+        raise InvalidInputError(f"--redis: {e}") from e
+    try:
+        engine, items, per_item = _encode_media(args, cache)
+    finally:
+        close = getattr(cache, "close", None)
+        if close is not None:
+            close()
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # as np.savez names it
+    _save_embeddings(out, per_item)
+    report = [
+        _encoded_json(path, item, results)
+        for path, item, results in zip(args.media, items, per_item, strict=True)
+    ]
+    if args.json:
+        summary = {
+            "out": out,
+            "model_fingerprint": engine.fingerprint,
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "items": report,
+            "encoder": engine.counters.as_dict(),
+            "cache": cache.stats.as_dict(),
+        }
+        print(json.dumps(summary))
+        return 0
+    for entry in report:
+        frames = f", {entry['frames']} frames" if "frames" in entry else ""
+        print(
+            f"{entry['path']}: {entry['kind']}, {entry['num_tokens']} tokens{frames}, "
+            f"{entry['cache_hits']} of {entry['num_images']} images from the cache"
+        )
+    counters = engine.counters
+    print(
+        f"wrote {out}: {len(report)} items; {counters.forward_passes} encoder passes over "
+        f"{counters.patches_encoded} patches"
+    )
+    return 0
+
+
+def _encode_media(
+    args: argparse.Namespace, cache: EmbeddingCache
+) -> tuple[EncoderEngine, list[ProcessedItem], list[list[EncodedImage]]]:
+    """Preprocess the media files, then encode every image and video frame through `cache`."""
+    from services.common.config import load_processor_config
+    from services.preprocess.core import PreprocessEngine
+    from services.preprocess.media import MediaInput
+    from services.preprocess.video import DEFAULT_FRAME_TOKEN_LIMIT, DEFAULT_MAX_FRAMES, VideoSampling
+    from services.vision_encoder.engine import load_engine, split_packed
+
+    frame_limit = DEFAULT_FRAME_TOKEN_LIMIT if args.frame_token_limit is None else args.frame_token_limit
+    sampling = VideoSampling(
+        fps=args.video_fps,
+        max_frames=DEFAULT_MAX_FRAMES if args.max_frames is None else args.max_frames,
+        frame_token_limit=frame_limit,
+    )
+    items = PreprocessEngine(load_processor_config(args.checkpoint)).process(
+        [MediaInput(path=p) for p in args.media], sampling
+    )
+    device = _resolve_device(args.device)
+    engine = load_engine(
+        args.checkpoint,
+        cache,
+        dtype=_resolve_dtype(args.dtype, device),
+        device=device,
+        max_batch_patches=args.max_batch_patches,
+    )
+    # a video is its frames, each with its own hash: frames cached by an earlier run are reused
+    per_item_images = [
+        split_packed(
+            item.pixel_values,
+            item.image_grid_hws,
+            [f.content_hash for f in item.frames] if item.frames else [item.content_hash],
+        )
+        for item in items
+    ]
+    encoded = engine.encode([image for images in per_item_images for image in images])
+    per_item, start = [], 0
+    for images in per_item_images:
+        per_item.append(encoded[start : start + len(images)])
+        start += len(images)
+    return engine, items, per_item
+
+
+def _save_embeddings(out: str, per_item: Sequence[Sequence[EncodedImage]]) -> None:
+    """`embeds_K` [tokens, H] per item (its images/frames concatenated in prompt order; bfloat16 saved
+    as float32, exactly), plus per image `image_item`, `image_num_tokens`, `image_cache_hit`."""
+    import numpy as np
+
+    from services.common.errors import InvalidInputError
+
+    arrays = {}
+    for k, results in enumerate(per_item):
+        embeds = torch.cat([r.embeddings for r in results])
+        arrays[f"embeds_{k}"] = (embeds.float() if embeds.dtype == torch.bfloat16 else embeds).numpy()
+    flat = [(k, r) for k, results in enumerate(per_item) for r in results]
+    arrays["image_item"] = np.array([k for k, _ in flat], dtype=np.int64)
+    arrays["image_num_tokens"] = np.array([r.num_tokens for _, r in flat], dtype=np.int64)
+    arrays["image_cache_hit"] = np.array([r.cache_hit for _, r in flat], dtype=np.bool_)
+    try:
+        np.savez(out, **arrays)
+    except OSError as e:
+        raise InvalidInputError(f"cannot write {out}: {e}") from e
+
+
+def _encoded_json(path: str, item: ProcessedItem, results: Sequence[EncodedImage]) -> dict:
+    hits = sum(r.cache_hit for r in results)
+    entry = {
+        "path": path,
+        "kind": item.kind.value,
+        "num_images": len(results),
+        "num_tokens": sum(r.num_tokens for r in results),
+        "shape": [sum(r.num_tokens for r in results), int(results[0].embeddings.shape[1])],
+        "cache_hits": hits,
+        "cache_misses": len(results) - hits,
+        "content_hash": item.content_hash,
+    }
+    if item.frames:
+        entry["frames"] = len(item.frames)
+        entry["frames_cached"] = hits
+    return entry
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimi-vl", description="Serve and run Kimi-VL.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +327,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-frame in_token_limit, in 14x14 patches (default 1024, about 256 tokens)",
     )
     pre.set_defaults(func=_cmd_preprocess)
+
+    enc = sub.add_parser("encode", help="turn image and video files into projected embeddings (.npz)")
+    enc.add_argument("--checkpoint", required=True, help="checkpoint directory in the official layout")
+    enc.add_argument("media", nargs="+", help="image or video files, in order")
+    enc.add_argument("--out", required=True, help="output .npz (embeds_0, embeds_1, ... per item)")
+    enc.add_argument("--redis", default=None, help="Redis URL of the shared embedding cache (default: none)")
+    enc.add_argument("--json", action="store_true", help="print one JSON object describing each item")
+    enc.add_argument(
+        "--video-fps", type=float, default=None, help="sample videos at this rate (default: uniform)"
+    )
+    enc.add_argument("--max-frames", type=int, default=None, help="most frames kept per video (default 64)")
+    enc.add_argument(
+        "--frame-token-limit",
+        type=int,
+        default=None,
+        help="per-frame in_token_limit, in 14x14 patches (default 1024, about 256 tokens)",
+    )
+    enc.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    enc.add_argument("--dtype", default="auto", choices=["auto", *sorted(_DTYPES)])
+    enc.add_argument("--max-batch-patches", type=int, default=16384, help="patches per encoder pass")
+    enc.set_defaults(func=_cmd_encode)
     return parser
 
 

@@ -39,14 +39,14 @@ def model_fingerprint(checkpoint_dir: str | Path, *, dtype: torch.dtype | None =
 
     Hashes the vision config, the text hidden size, every `vision_tower.*` /
     `multi_modal_projector.*` tensor's name, dtype, shape and bytes (read by offset from the
-    safetensors headers: ~0.8 GB, about a second, for the release), and `dtype` when given — so
+    safetensors headers: ~0.8 GB, about a second, for the release), then names `dtype` when given — so
     a fine-tune of the decoder alone keeps the cache, while any change to the encoder's weights,
     or replicas computing in another dtype, get keys of their own.
     """
     root = Path(checkpoint_dir)
     config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     digest = hashlib.sha256()
-    facts = [config.get("vision_config"), config.get("text_config", {}).get("hidden_size"), str(dtype)]
+    facts = [config.get("vision_config"), config.get("text_config", {}).get("hidden_size")]
     digest.update(json.dumps(facts, sort_keys=True).encode())
     for shard in sorted(root.glob("*.safetensors")):
         with shard.open("rb") as f:
@@ -65,7 +65,8 @@ def model_fingerprint(checkpoint_dir: str | Path, *, dtype: torch.dtype | None =
                         raise ValueError(f"{shard} is truncated in tensor {name}")
                     digest.update(block)
                     remaining -= len(block)
-    return digest.hexdigest()[:16]
+    fingerprint = digest.hexdigest()[:16]
+    return fingerprint if dtype is None else f"{fingerprint}-{str(dtype).removeprefix('torch.')}"
 
 
 @dataclass

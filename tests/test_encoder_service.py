@@ -1,0 +1,443 @@
+"""The vision encoder service: the shim, its batcher and chunk streams without Ray; then real Ray
+Serve + gRPC on 127.0.0.1 (Serve's proxy and the replica's own data port) against the model."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import yaml
+
+from protos.kimi_vl.v1 import encode_pb2 as pb
+from protos.kimi_vl.v1 import encode_pb2_grpc as pb_grpc
+from protos.kimi_vl.v1 import preprocess_pb2, tensor_pb2
+from services.common import tensor_codec
+from services.common.checkpoint import write_checkpoint
+from services.common.errors import InternalError, InvalidInputError, UpstreamUnavailableError
+from services.kimi_vl import load_vision_encoder
+from services.vision_encoder.engine import EncodedImage, ImageToEncode
+from services.vision_encoder.server import (
+    GRPC_SERVICER_FUNCTION,
+    EncoderSettings,
+    VisionEncoderServer,
+    build_app,
+    build_engine,
+)
+from services.vision_encoder.transport import (
+    ChunkAssembler,
+    DataPort,
+    DataPortClient,
+    EncoderClient,
+    EncodeResult,
+    assemble,
+    chunk_messages,
+    make_request,
+    split_frame,
+)
+
+pytest_plugins = ["services_fixtures"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP_NAME = "vision_encoder"
+GRIDS = [(4, 6), (8, 8), (2, 2), (6, 4)]
+TOL = 1e-5
+
+
+class FakeContext:
+    """The part of Ray Serve's gRPC context the shim uses."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details: str | None = None
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def request_id(self) -> str:
+        return "req-1"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("encsvc") / "tiny", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return load_vision_encoder(checkpoint, torch.float32)
+
+
+def settings_for(checkpoint: Path, **extra) -> EncoderSettings:
+    return EncoderSettings.from_args({"checkpoint_dir": str(checkpoint), "dtype": "float32", **extra})
+
+
+def packed(seed: int = 0, grids=GRIDS) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    grid_hws = torch.tensor(grids)
+    return torch.randn(sum(h * w for h, w in grids), 3, 14, 14, generator=gen), grid_hws
+
+
+def assert_matches_model(result: EncodeResult, reference, pixel_values, grid_hws) -> None:
+    want = reference(pixel_values, grid_hws)
+    got = torch.cat([image.embeddings for image in result.images])
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert (got - want).abs().max().item() <= TOL
+    tokens = [h * w // 4 for h, w in grid_hws.tolist()]
+    assert [image.num_tokens for image in result.images] == tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# No Ray: settings, the shim, the batcher, the chunk stream
+# ---------------------------------------------------------------------------------------------
+
+
+def test_contracts_encode_generate_chat():
+    from protos.kimi_vl.v1 import chat_pb2, generate_pb2
+
+    methods = {
+        (pb, "Encoder", "Encode"): False,
+        (pb, "Encoder", "EncodeStream"): True,
+        (generate_pb2, "Generator", "Generate"): True,
+        (chat_pb2, "Chat", "Chat"): True,
+    }
+    for (module, service, method), streams in methods.items():
+        descriptor = module.DESCRIPTOR.services_by_name[service].methods_by_name[method]
+        assert descriptor.full_name == f"kimi_vl.v1.{service}.{method}"
+        assert (descriptor.client_streaming, descriptor.server_streaming) == (False, streams)
+    data = pb.EmbeddingChunk.DESCRIPTOR.fields_by_name["data"]
+    assert (data.number, data.type) == (1, data.TYPE_BYTES)  # the fast reader relies on it
+    segment = generate_pb2.EmbeddingSegment(num_tokens=4, cache_key="k", timestamp="00:00:01.0")
+    request = generate_pb2.GenerateRequest(
+        messages=generate_pb2.PromptMessages(
+            messages=[generate_pb2.PromptMessage(role=generate_pb2.ROLE_USER, parts=[{"media_index": 0}])]
+        ),
+        media=[generate_pb2.MediaEmbeddings(segments=[segment])],
+        sampling=generate_pb2.SamplingParams(temperature=0.2),
+    )
+    assert generate_pb2.GenerateRequest.FromString(request.SerializeToString()) == request
+    part = chat_pb2.ContentPart(video=preprocess_pb2.MediaItem(url="https://example.com/v.mp4"))
+    chat = chat_pb2.ChatRequest(messages=[chat_pb2.ChatMessage(role=generate_pb2.ROLE_USER, content=[part])])
+    assert chat_pb2.ChatRequest.FromString(chat.SerializeToString()) == chat
+
+
+def test_settings_from_args(checkpoint):
+    settings = settings_for(checkpoint, cache={"redis_url": "redis://127.0.0.1:1/0"}, direct={"port": 0})
+    assert settings.cache.redis_url == "redis://127.0.0.1:1/0" and settings.resolved_dtype() == torch.float32
+    with pytest.raises(InvalidInputError, match="unknown encoder setting"):
+        settings_for(checkpoint, port=1)
+    with pytest.raises(InvalidInputError, match="unknown cache setting"):
+        settings_for(checkpoint, cache={"url": "x"})
+    with pytest.raises(InvalidInputError, match="need checkpoint_dir"):
+        EncoderSettings.from_args({})
+
+
+def bad_requests() -> list[tuple[pb.EncodeRequest, str]]:
+    pixel_values, grid_hws = packed()
+    good = make_request(pixel_values, grid_hws)
+    short = pb.EncodeRequest()
+    short.CopyFrom(good)
+    short.pixel_values.data = short.pixel_values.data[:-4]
+    wrong_grid = make_request(pixel_values, torch.tensor([[4, 6], [8, 8], [2, 2], [6, 6]]))
+    return [
+        (short, "needs 272832 bytes"),
+        (wrong_grid, "cover 128 patches"),
+        (make_request(pixel_values, grid_hws, ["a"]), "1 content hashes for 4 images"),
+        (make_request(pixel_values, grid_hws, ["a b", "", "", ""]), "content hash 0"),
+        (make_request(pixel_values.to(torch.int32), grid_hws), "float32, float16 or bfloat16"),
+        (make_request(pixel_values[:24], torch.tensor([[3, 8]])), "divisible by 2x2"),
+        (pb.EncodeRequest(grid_hws=good.grid_hws), "no pixel_values"),
+        (
+            pb.EncodeRequest(
+                pixel_values=tensor_pb2.Tensor(dtype="float32", shape=[0, 3, 14, 14]),
+                grid_hws=tensor_codec.encode(torch.zeros(0, 2, dtype=torch.int64)),
+            ),
+            "no images",
+        ),
+    ]
+
+
+def test_shim_refuses_malformed_requests_then_serves(checkpoint, reference):
+    async def scenario():
+        server = VisionEncoderServer(settings_for(checkpoint, direct={"enabled": False}))
+        for request, message in bad_requests():
+            context = FakeContext()
+            assert await server.Encode(request, context) == pb.EncodeResponse()
+            assert context.code == grpc.StatusCode.INVALID_ARGUMENT, message
+            assert message in context.details
+        pixel_values, grid_hws = packed()
+        context = FakeContext()
+        response = await server.Encode(make_request(pixel_values, grid_hws, ["a", "b", "", "d"]), context)
+        assert context.code is None
+        chunks = [
+            c async for c in server.EncodeStream(make_request(pixel_values, grid_hws, ["a", "b", "", "d"]))
+        ]
+        return response, chunks
+
+    response, chunks = asyncio.run(scenario())
+    unary = EncodeResult(
+        [
+            EncodedImage(tensor_codec.to_torch(i.embeddings), i.info.cache_hit, i.info.cache_key)
+            for i in response.images
+        ],
+        response.model_fingerprint,
+    )
+    pixel_values, grid_hws = packed()
+    assert_matches_model(unary, reference, pixel_values, grid_hws)
+    streamed = assemble(chunks)
+    assert_matches_model(streamed, reference, pixel_values, grid_hws)
+    assert [i.cache_hit for i in streamed.images] == [True, True, False, True]
+    assert streamed.model_fingerprint == response.model_fingerprint != ""
+
+
+def test_concurrent_requests_share_one_engine_call(checkpoint):
+    engine = build_engine(settings_for(checkpoint))
+
+    async def scenario(server):
+        requests = [packed(seed, [(4, 4), (2, 2)]) for seed in range(3)]
+        return await asyncio.gather(*(server.encode_request(make_request(pv, g)) for pv, g in requests))
+
+    server = VisionEncoderServer(settings_for(checkpoint, batch_wait_timeout_s=0.05), engine=engine)
+    results = asyncio.run(scenario(server))
+    assert [len(r.images) for r in results] == [2, 2, 2]
+    assert server.batcher.batches == 1 and engine.counters.requests == 1
+    assert engine.counters.forward_passes == 1 and engine.counters.images_encoded == 6
+
+    small = VisionEncoderServer(
+        settings_for(checkpoint, batch_wait_timeout_s=0.05, max_batch_patches=40), engine=engine
+    )
+    asyncio.run(scenario(small))  # 20 patches per request: two fit a batch
+    assert small.batcher.batches == 2
+
+
+def test_one_bad_request_does_not_fail_its_batch_neighbours(checkpoint):
+    async def scenario():
+        server = VisionEncoderServer(settings_for(checkpoint, batch_wait_timeout_s=0.05))
+        good = server.encode_images([ImageToEncode(torch.zeros(4, 3, 14, 14), (2, 2))])
+        bad = server.encode_images([ImageToEncode(torch.zeros(4, 3, 14, 14), (1, 4))])
+        return await asyncio.gather(good, bad, return_exceptions=True)
+
+    good, bad = asyncio.run(scenario())
+    assert isinstance(bad, InvalidInputError) and good[0].num_tokens == 1
+
+
+def test_untrusted_hashes_cannot_poison_another_images_entry(checkpoint, reference):
+    async def scenario():
+        server = VisionEncoderServer(settings_for(checkpoint, trust_content_hashes=False))
+        victim, attacker = packed(1, [(4, 4)]), packed(2, [(4, 4)])
+        await server.encode_request(make_request(*attacker, ["victim-hash"]))
+        return victim, await server.encode_request(make_request(*victim, ["victim-hash"]))
+
+    victim, result = asyncio.run(scenario())
+    assert not result.images[0].cache_hit
+    assert_matches_model(result, reference, *victim)
+
+
+def sample_result() -> EncodeResult:
+    gen = torch.Generator().manual_seed(0)
+    images = [
+        EncodedImage(torch.randn(6, 64, generator=gen).to(torch.bfloat16), True, "k0"),
+        EncodedImage(torch.randn(1, 64, generator=gen), False, None),
+        EncodedImage(torch.randn(300, 64, generator=gen), False, "k2"),
+    ]
+    return EncodeResult(images, "fp")
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 100, 1 << 20])
+def test_chunk_streams_round_trip_bit_exact(chunk_bytes):
+    result = sample_result()
+    raw = [m.SerializeToString() for m in chunk_messages(result, chunk_bytes)]
+    parsed = [pb.EmbeddingChunk.FromString(r) for r in raw]  # what any protobuf client reads
+    assembler = ChunkAssembler()
+    for r in raw:
+        head, data = split_frame(r)  # the fast reader: the payload is a view of the raw message
+        assert not data or data.obj is r
+        assembler.add(head, data)
+    for got in (assemble(parsed), assembler.result()):
+        assert_same(got, result)
+
+
+def assert_same(got: EncodeResult, want: EncodeResult) -> None:
+    assert got.model_fingerprint == want.model_fingerprint
+    for a, b in zip(got.images, want.images, strict=True):
+        assert a.embeddings.dtype == b.embeddings.dtype and torch.equal(a.embeddings, b.embeddings)
+        assert (a.cache_hit, a.cache_key) == (b.cache_hit, b.cache_key)
+
+
+def test_truncated_or_disordered_streams_are_refused():
+    chunks = list(chunk_messages(sample_result(), 100))
+    with pytest.raises(InternalError, match="image 2 has"):
+        assemble(chunks[:-1])
+    with pytest.raises(InternalError, match="out of order"):
+        assemble([chunks[0], chunks[-1]])
+    with pytest.raises(InternalError, match="out of order"):
+        assemble([chunks[0], chunks[1], chunks[1]])  # a repeated piece
+    keys_only = assemble(chunk_messages(sample_result(), 100, keys_only=True), keys_only=True)
+    assert [i.embeddings.shape for i in keys_only.images] == [(6, 64), (1, 64), (300, 64)]
+
+
+class FakeEncode:
+    """The data port's encode function: sample_result, or the error it was told to raise."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def __call__(self, request: pb.EncodeRequest) -> EncodeResult:
+        if self.error is not None:
+            raise self.error
+        return sample_result()
+
+
+@pytest.fixture
+def data_port():
+    encode = FakeEncode()
+    port = DataPort(encode).start()
+    yield port, encode
+    port.stop()
+
+
+def test_data_port_round_trip_refusals_and_outage(data_port):
+    port, encode = data_port
+    request = make_request(torch.zeros(4, 3, 14, 14), torch.tensor([[2, 2]]))
+    with DataPortClient(port.endpoint, timeout_s=10) as client:
+        assert_same(client.encode_request(request), sample_result())  # bf16 and fp32, bit exact
+        keys = client.encode(torch.zeros(4, 3, 14, 14), torch.tensor([[2, 2]]), keys_only=True)
+        assert [i.cache_key for i in keys.images] == ["k0", None, "k2"]
+        assert keys.images[2].embeddings.shape == (300, 64)
+
+        encode.error = InvalidInputError("bad patches")
+        with pytest.raises(InvalidInputError, match="bad patches"):
+            client.encode_request(request)
+        encode.error = RuntimeError("secret internals")
+        with pytest.raises(InternalError, match="internal error") as info:
+            client.encode_request(request)
+        assert "secret" not in str(info.value)
+        encode.error = None
+        assert_same(client.encode_request(request), sample_result())  # the connection stayed usable
+
+        port.stop()
+        with pytest.raises(UpstreamUnavailableError):
+            client.encode_request(request)
+
+
+def test_data_port_refuses_what_is_not_a_request(data_port):
+    port, _ = data_port
+    host, _, number = port.endpoint.rpartition(":")
+    with socket.create_connection((host, int(number)), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1")  # 12 bytes: as long as a request head
+        reply = sock.recv(4096)
+        assert reply[:4] == b"KVER" and b"not an encode request" in reply
+        assert sock.recv(16) == b""  # and hangs up
+    with socket.create_connection((host, int(number)), timeout=10) as sock:
+        sock.sendall(b"KVEQ" + (7).to_bytes(8, "little") + b"\xff" * 7)  # not a protobuf
+        assert b"malformed EncodeRequest" in sock.recv(4096)
+
+
+def test_serve_config_is_valid_and_builds(checkpoint):
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((REPO_ROOT / "cluster" / "vision_encoder.yaml").read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    assert GRPC_SERVICER_FUNCTION in config.grpc_options.grpc_servicer_functions
+    (app,) = config.applications
+    assert app.import_path == "services.vision_encoder.server:build_app"
+    (deployment,) = app.deployments
+    assert deployment.name == "VisionEncoderServer" and deployment.ray_actor_options.num_gpus == 1
+    autoscaling = deployment.autoscaling_config
+    assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
+    args = {**app.args, "checkpoint_dir": str(checkpoint), "device": "cpu", "dtype": "float32"}
+    assert type(build_app(args)).__name__ == "Application"  # the YAML's settings parse
+
+
+# ---------------------------------------------------------------------------------------------
+# Real Ray Serve, real gRPC, 127.0.0.1
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder_app(serve_instance, checkpoint):
+    from ray import serve
+
+    app = build_app(
+        {
+            "checkpoint_dir": str(checkpoint),
+            "dtype": "float32",
+            "device": "cpu",
+            "chunk_bytes": 1024,  # several chunks per image even at this size
+            "num_cpus": 0.5,
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+            "direct": {"host": "127.0.0.1"},
+        }
+    )
+    handle = serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}")
+    yield serve_instance, handle
+    serve.delete(APP_NAME)
+
+
+@pytest.mark.ray
+def test_serve_proxy_encode_and_stream_match_the_model(encoder_app, reference):
+    instance, _ = encoder_app
+    pixel_values, grid_hws = packed(10)
+    request = make_request(pixel_values, grid_hws, ["p0", "p1", "", "p3"])
+    metadata = [("application", APP_NAME)]
+    with instance.grpc_channel() as channel:
+        stub = pb_grpc.EncoderStub(channel)
+        response = stub.Encode(request, metadata=metadata, timeout=60)
+        chunks = list(stub.EncodeStream(request, metadata=metadata, timeout=60))
+    images = [
+        EncodedImage(tensor_codec.to_torch(i.embeddings), i.info.cache_hit, i.info.cache_key)
+        for i in response.images
+    ]
+    assert_matches_model(EncodeResult(images, response.model_fingerprint), reference, pixel_values, grid_hws)
+    assert [i.info.cache_hit for i in response.images] == [False] * 4
+    assert len(chunks) > len(GRIDS)  # streamed in pieces
+    streamed = assemble(chunks)
+    assert_matches_model(streamed, reference, pixel_values, grid_hws)
+    assert [i.cache_hit for i in streamed.images] == [True, True, False, True]
+    with EncoderClient(instance.grpc_target, metadata=metadata) as client:  # the fast stream reader
+        assert_same(client.encode_request(request), streamed)
+        assert_same(client.encode_request(request, stream=False), streamed)
+
+
+@pytest.mark.ray
+def test_direct_port_from_the_deployment_matches_the_model(encoder_app, reference):
+    _, handle = encoder_app
+    endpoint = handle.direct_endpoint.remote().result(timeout_s=30)
+    assert endpoint.startswith("127.0.0.1:")
+    pixel_values, grid_hws = packed(11)
+    with DataPortClient(endpoint) as client:
+        result = client.encode(pixel_values, grid_hws, ["d0", "d1", "d2", "d3"])
+        assert_matches_model(result, reference, pixel_values, grid_hws)
+        again = client.encode(pixel_values, grid_hws, ["d0", "d1", "d2", "d3"])
+        assert [i.cache_hit for i in again.images] == [True] * 4
+        assert_matches_model(again, reference, pixel_values, grid_hws)
+        keys = client.encode(pixel_values, grid_hws, ["d0", "d1", "d2", "d3"], keys_only=True)
+        assert [i.cache_key for i in keys.images] == [i.cache_key for i in result.images]
+        with pytest.raises(InvalidInputError, match="cover"):
+            client.encode(pixel_values[:-1], grid_hws)
+        assert client.encode(pixel_values, grid_hws).images[0].num_tokens == 6  # still serving
+    stats = handle.stats.remote().result(timeout_s=30)
+    assert stats["engine"]["cache_hits"] >= 8 and stats["direct_endpoint"] == endpoint
+
+
+@pytest.mark.ray
+def test_serve_proxy_malformed_request_is_invalid_argument_then_serves(encoder_app):
+    instance, _ = encoder_app
+    metadata = [("application", APP_NAME)]
+    pixel_values, grid_hws = packed(12)
+    bad = make_request(pixel_values[:-1], grid_hws)
+    with instance.grpc_channel() as channel:
+        stub = pb_grpc.EncoderStub(channel)
+        for call in (stub.Encode, lambda r, **kw: list(stub.EncodeStream(r, **kw))):
+            with pytest.raises(grpc.RpcError) as info:
+                call(bad, metadata=metadata, timeout=60)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "cover 116 patches" in info.value.details()
+        response = stub.Encode(make_request(pixel_values, grid_hws), metadata=metadata, timeout=60)
+        assert len(response.images) == len(GRIDS)
