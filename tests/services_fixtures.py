@@ -17,6 +17,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
 
 GRPC_SERVICER_FUNCTIONS = [
@@ -29,6 +30,23 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class FakeContext:
+    """Unit-test double of the part of Ray Serve's gRPC context the shims use (no Ray needed)."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details: str | None = None
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def request_id(self) -> str:
+        return "req-1"
 
 
 @dataclass(frozen=True)

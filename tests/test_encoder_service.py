@@ -41,27 +41,12 @@ from services.vision_encoder.transport import (
 
 pytest_plugins = ["services_fixtures"]
 
+from services_fixtures import FakeContext  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "vision_encoder"
 GRIDS = [(4, 6), (8, 8), (2, 2), (6, 4)]
 TOL = 1e-5
-
-
-class FakeContext:
-    """The part of Ray Serve's gRPC context the shim uses."""
-
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-        self.details: str | None = None
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
-
-    def request_id(self) -> str:
-        return "req-1"
 
 
 @pytest.fixture(scope="module")

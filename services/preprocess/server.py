@@ -24,7 +24,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from ray import serve
 from ray.serve import Application
 from ray.serve.grpc_util import RayServegRPCContext
@@ -32,7 +31,8 @@ from ray.serve.grpc_util import RayServegRPCContext
 from protos.kimi_vl.v1 import preprocess_pb2 as pb
 from services.common import tensor_codec
 from services.common.config import ProcessorConfig, load_processor_config
-from services.common.errors import InvalidInputError, status_for
+from services.common.errors import InvalidInputError
+from services.common.grpc_status import set_error_status
 from services.preprocess.core import PreprocessEngine, PreprocessLimits, ProcessedItem
 from services.preprocess.media import MediaInput, MediaKind
 from services.preprocess.video import VideoSampling
@@ -151,18 +151,7 @@ class PreprocessServer:
         try:
             return await asyncio.to_thread(self.handle, request)
         except Exception as e:  # the service edge: every failure becomes a status
-            _, code_name = status_for(e)
-            request_id = grpc_context.request_id() if grpc_context is not None else None
-            if code_name == "INTERNAL":
-                logger.exception("preprocess request %s failed", request_id)
-                details = "internal error" + (f" (request {request_id})" if request_id else "")
-            else:
-                logger.info("preprocess request %s refused: %s", request_id, e)
-                details = str(e)
-            if grpc_context is None:
-                raise
-            grpc_context.set_code(grpc.StatusCode[code_name])
-            grpc_context.set_details(details)
+            set_error_status(e, grpc_context, logger, "preprocess")
             return pb.PreprocessResponse()
 
     async def check_health(self) -> None:

@@ -40,7 +40,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import grpc
 import torch
 from ray import serve
 from ray.serve import Application
@@ -48,7 +47,8 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from protos.kimi_vl.v1 import encode_pb2 as pb
 from services.common import tensor_codec
-from services.common.errors import CapacityError, InvalidInputError, status_for
+from services.common.errors import CapacityError, InvalidInputError
+from services.common.grpc_status import set_error_status
 from services.vision_encoder.engine import (
     DEFAULT_MAX_BATCH_PATCHES,
     EncodedImage,
@@ -398,18 +398,7 @@ class VisionEncoderServer:
             yield chunk
 
     def _refuse(self, error: Exception, grpc_context: RayServegRPCContext | None) -> None:
-        _, code_name = status_for(error)
-        request_id = grpc_context.request_id() if grpc_context is not None else None
-        if code_name == "INTERNAL":
-            logger.exception("encode request %s failed", request_id)
-            details = "internal error" + (f" (request {request_id})" if request_id else "")
-        else:
-            logger.info("encode request %s refused: %s", request_id, error)
-            details = str(error)
-        if grpc_context is None:
-            raise error
-        grpc_context.set_code(grpc.StatusCode[code_name])
-        grpc_context.set_details(details)
+        set_error_status(error, grpc_context, logger, "encode")
 
     # --- handle methods --------------------------------------------------------------------
 
