@@ -45,8 +45,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from services.vision_encoder.data_port import DataPortClient  # noqa: E402
 from services.vision_encoder.engine import EncodedImage, ImageToEncode  # noqa: E402
-from services.vision_encoder.transport import DataPortClient, EncoderClient, make_request  # noqa: E402
+from services.vision_encoder.transport import EncoderClient, make_request  # noqa: E402
 
 HIDDEN = 2048
 APP = "transport_bench"

@@ -19,6 +19,7 @@ from services.common import tensor_codec
 from services.common.checkpoint import write_checkpoint
 from services.common.errors import InternalError, InvalidInputError, UpstreamUnavailableError
 from services.kimi_vl import load_vision_encoder
+from services.vision_encoder.data_port import DataPort, DataPortClient
 from services.vision_encoder.engine import EncodedImage, ImageToEncode
 from services.vision_encoder.server import (
     GRPC_SERVICER_FUNCTION,
@@ -29,8 +30,6 @@ from services.vision_encoder.server import (
 )
 from services.vision_encoder.transport import (
     ChunkAssembler,
-    DataPort,
-    DataPortClient,
     EncoderClient,
     EncodeResult,
     assemble,

@@ -1,0 +1,106 @@
+"""Merging concurrent encode requests into one packed engine call (pure asyncio, no Ray).
+
+Requests wait in arrival order; a batch closes on a request count, a patch budget or a short
+wait, then runs in a worker thread so the event loop keeps accepting requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from services.common.errors import InvalidInputError
+from services.vision_encoder.engine import EncodedImage, EncoderEngine, ImageToEncode
+
+
+@dataclass
+class _Pending:
+    images: list[ImageToEncode]
+    future: asyncio.Future[list[EncodedImage]]
+
+    @property
+    def patches(self) -> int:
+        return sum(image.num_patches for image in self.images)
+
+
+class EncodeBatcher:
+    """Merges concurrent `encode` calls into one engine call, run in a worker thread.
+
+    A batch closes when it holds `max_batch_size` requests, when the next request would take it
+    past `max_batch_patches` patches (a single larger request runs alone), or `batch_wait_timeout_s`
+    after its first request. Requests wait in arrival order. (`@serve.batch` does the same by
+    request count but needs a replica context; this one also runs in plain asyncio tests.)
+    """
+
+    def __init__(
+        self,
+        engine: EncoderEngine,
+        *,
+        max_batch_size: int,
+        max_batch_patches: int,
+        batch_wait_timeout_s: float,
+    ) -> None:
+        if max_batch_size < 1 or max_batch_patches < 1 or batch_wait_timeout_s < 0:
+            raise InvalidInputError("batching limits must be positive")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_batch_patches = max_batch_patches
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.batches = 0  # engine calls made
+        self.batched_requests = 0
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    async def encode(self, images: list[ImageToEncode]) -> list[EncodedImage]:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._run(), name="encode-batcher")
+        pending = _Pending(images, loop.create_future())
+        self._queue.put_nowait(pending)  # type: ignore[union-attr]
+        return await pending.future
+
+    async def _run(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        carry: _Pending | None = None
+        while True:
+            first = carry or await queue.get()
+            batch, carry = await self._collect(queue, first)
+            batch = [p for p in batch if not p.future.done()]  # callers that gave up
+            if batch:
+                await self._execute(batch)
+
+    async def _collect(
+        self, queue: asyncio.Queue[_Pending], first: _Pending
+    ) -> tuple[list[_Pending], _Pending | None]:
+        loop = asyncio.get_running_loop()
+        batch, patches = [first], first.patches
+        deadline = loop.time() + self.batch_wait_timeout_s
+        while len(batch) < self.max_batch_size:
+            try:
+                nxt = await asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                break
+            if patches + nxt.patches > self.max_batch_patches:
+                return batch, nxt  # opens the next batch
+            batch.append(nxt)
+            patches += nxt.patches
+        return batch, None
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        flat = [image for p in batch for image in p.images]
+        self.batches += 1
+        self.batched_requests += len(batch)
+        try:
+            encoded = await asyncio.to_thread(self.engine.encode, flat)
+        except Exception as e:  # the whole call failed: every caller in it hears why
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(e)
+            return
+        start = 0
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result(encoded[start : start + len(p.images)])
+            start += len(p.images)
