@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from services.common.devices import DTYPES, resolve_device, resolve_dtype
 from services.common.errors import KimiVLError
 
 if TYPE_CHECKING:
@@ -25,26 +26,11 @@ if TYPE_CHECKING:
     from services.vision_encoder.cache import EmbeddingCache
     from services.vision_encoder.engine import EncodedImage, EncoderEngine
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def _resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        # bf16 as released on GPUs; fp32 on CPU, where bf16 matmuls are slower and less exact
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return _DTYPES[name]
-
 
 def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from services.common.checkpoint import write_checkpoint
 
-    out = write_checkpoint(args.out_dir, preset=args.preset, seed=args.seed, dtype=_DTYPES[args.dtype])
+    out = write_checkpoint(args.out_dir, preset=args.preset, seed=args.seed, dtype=DTYPES[args.dtype])
     print(json.dumps({"checkpoint": str(out), "preset": args.preset, "seed": args.seed, "dtype": args.dtype}))
     return 0
 
@@ -57,9 +43,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
     images = [open_image(p) for p in args.image]
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     pipeline = OfflinePipeline(
-        args.checkpoint, dtype=_resolve_dtype(args.dtype, device), device=device, progress=not args.json
+        args.checkpoint, dtype=resolve_dtype(args.dtype, device), device=device, progress=not args.json
     )
     result = pipeline.generate(user_messages(args.prompt, args.system, len(images)), images, params)
     if args.json:
@@ -220,11 +206,11 @@ def _encode_media(
     items = PreprocessEngine(load_processor_config(args.checkpoint)).process(
         [MediaInput(path=p) for p in args.media], sampling
     )
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     engine = load_engine(
         args.checkpoint,
         cache,
-        dtype=_resolve_dtype(args.dtype, device),
+        dtype=resolve_dtype(args.dtype, device),
         device=device,
         max_batch_patches=args.max_batch_patches,
     )
@@ -292,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("out_dir")
     mk.add_argument("--preset", default="tiny", choices=["tiny", "mid"])
     mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))
+    mk.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     mk.set_defaults(func=_cmd_make_checkpoint)
 
     gen = sub.add_parser("generate", help="answer one user turn (text and images) offline")
@@ -305,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    gen.add_argument("--dtype", default="auto", choices=["auto", *sorted(_DTYPES)])
+    gen.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=_cmd_generate)
 
@@ -345,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-frame in_token_limit, in 14x14 patches (default 1024, about 256 tokens)",
     )
     enc.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    enc.add_argument("--dtype", default="auto", choices=["auto", *sorted(_DTYPES)])
+    enc.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
     enc.add_argument("--max-batch-patches", type=int, default=16384, help="patches per encoder pass")
     enc.set_defaults(func=_cmd_encode)
     return parser
