@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -59,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 7 * 24 * 3600
 DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_SOCKET_TIMEOUT_S = 0.5  # a slow Redis costs a request at most this per socket call
 
 
 @dataclass
@@ -117,7 +119,7 @@ class RedisEmbeddingCache:
         *,
         ttl_s: int | None = DEFAULT_TTL_S,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        socket_timeout_s: float = 0.5,
+        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
         max_value_bytes: int | None = None,
         namespace: str = "",
         retry_after_s: float = 1.0,
@@ -299,29 +301,15 @@ class RedisEmbeddingCache:
         return True
 
 
-def make_cache(
-    redis_url: str | None,
-    *,
-    lru_bytes: int,
-    ttl_s: int | None = DEFAULT_TTL_S,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    socket_timeout_s: float = 0.5,
-    max_value_bytes: int | None = None,
-    namespace: str = "",
-    retry_after_s: float = 1.0,
-) -> EmbeddingCache:
-    """The encoder's cache: Redis when a URL is configured, else an in-process LRU of `lru_bytes`."""
+def make_cache(redis_url: str | None, *, lru_bytes: int, **redis_options: Any) -> EmbeddingCache:
+    """The encoder's cache: Redis when a URL is configured, else an in-process LRU of `lru_bytes`.
+
+    `redis_options` are `RedisEmbeddingCache`'s keyword arguments (ttl_s, chunk_bytes, ...), whose
+    defaults live there alone.
+    """
     if not redis_url:
         return LRUEmbeddingCache(lru_bytes)
-    return RedisEmbeddingCache(
-        redis_url,
-        ttl_s=ttl_s,
-        chunk_bytes=chunk_bytes,
-        socket_timeout_s=socket_timeout_s,
-        max_value_bytes=max_value_bytes,
-        namespace=namespace,
-        retry_after_s=retry_after_s,
-    )
+    return RedisEmbeddingCache(redis_url, **redis_options)
 
 
 def _redact(url: str) -> str:

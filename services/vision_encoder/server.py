@@ -47,6 +47,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from protos.kimi_vl.v1 import encode_pb2 as pb
 from services.common import tensor_codec
+from services.common.devices import DTYPES, resolve_device, resolve_dtype
 from services.common.errors import CapacityError, InvalidInputError
 from services.common.grpc_status import set_error_status
 from services.vision_encoder.batching import EncodeBatcher
@@ -59,6 +60,14 @@ from services.vision_encoder.engine import (
     load_engine,
     patch_digest,
     split_packed,
+)
+from services.vision_encoder.redis_cache import (
+    DEFAULT_CHUNK_BYTES as DEFAULT_REDIS_CHUNK_BYTES,
+)
+from services.vision_encoder.redis_cache import (
+    DEFAULT_SOCKET_TIMEOUT_S,
+    DEFAULT_TTL_S,
+    make_cache,
 )
 from services.vision_encoder.transport import (
     DEFAULT_CHUNK_BYTES,
@@ -75,7 +84,6 @@ DEFAULT_NUM_CPUS = 1.0
 DEFAULT_MAX_ONGOING_REQUESTS = 16
 DIRECT_TIMEOUT_S = 600.0  # a data-port request waiting on the batch queue and the model
 DEFAULT_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HASH = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _PIXEL_DTYPES = {"float32", "float16", "bfloat16"}
 _GRID_DTYPES = {"int64", "int32"}
@@ -87,9 +95,9 @@ class CacheSettings:
 
     redis_url: str | None = None
     lru_bytes: int = 1 << 30
-    ttl_s: int | None = 7 * 24 * 3600
-    chunk_bytes: int = 4 << 20  # largest Redis value; bigger entries are split
-    socket_timeout_s: float = 0.5
+    ttl_s: int | None = DEFAULT_TTL_S
+    chunk_bytes: int = DEFAULT_REDIS_CHUNK_BYTES  # largest Redis value; bigger entries are split
+    socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S
     redis_max_bytes: int | None = None  # set Redis's maxmemory (allkeys-lru) at start-up, if allowed
 
 
@@ -128,21 +136,17 @@ class EncoderSettings:
         values["direct"] = DirectSettings(
             **_known(DirectSettings, values.get("direct") or {}, "direct setting")
         )
-        if values.get("dtype", "auto") not in ("auto", *_DTYPES):
+        if values.get("dtype", "auto") not in ("auto", *DTYPES):
             raise InvalidInputError(
-                f"dtype must be auto or one of {', '.join(_DTYPES)}, got {values['dtype']}"
+                f"dtype must be auto or one of {', '.join(DTYPES)}, got {values['dtype']}"
             )
         return cls(**values)
 
     def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device(self.device)
 
     def resolved_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
-        return _DTYPES[self.dtype]
+        return resolve_dtype(self.dtype, self.resolved_device())
 
 
 def _known(cls: type, raw: dict[str, Any], what: str) -> dict[str, Any]:
@@ -154,8 +158,6 @@ def _known(cls: type, raw: dict[str, Any], what: str) -> dict[str, Any]:
 
 
 def build_engine(settings: EncoderSettings) -> EncoderEngine:
-    from services.vision_encoder.redis_cache import make_cache
-
     c = settings.cache
     cache = make_cache(
         c.redis_url,
