@@ -7,6 +7,7 @@ decoder through the engine's paged KV cache. Knows nothing about Ray, gRPC or Re
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ class OfflinePipeline:
     ) -> GenerationResult:
         start = time.perf_counter()
         if not params.stop_token_ids:
-            params = SamplingParams(**{**params.__dict__, "stop_token_ids": self.stop_token_ids})
+            params = dataclasses.replace(params, stop_token_ids=self.stop_token_ids)
         prompt_ids, embeds = self.prompt_embeddings(messages, images)
         tokens: list[int] = []
         first = 0.0

@@ -8,6 +8,7 @@ Knows nothing about tokenizers, images, Ray or gRPC.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -163,7 +164,8 @@ class LLMEngine:
             None if embeds is not None else input_ids, attn.positions, attn, self.cache, inputs_embeds=embeds
         )
         rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
-        last = [sum(batch.query_lens[: i + 1]) - 1 for i in rows]
+        ends = list(itertools.accumulate(batch.query_lens))  # row after each sequence's last token
+        last = [ends[i] - 1 for i in rows]
         logits = self.model.compute_logits(hidden[last]) if rows else hidden.new_empty(0)
         return logits, rows
 
