@@ -21,8 +21,7 @@ from services.common.chat_template import encode_chat
 from services.common.config import load_config, load_processor_config, load_stop_token_ids
 from services.common.errors import InvalidInputError
 from services.common.tokenizer import KimiTokenizer
-from services.decoder.engine import EngineConfig, LLMEngine
-from services.decoder.multimodal import merge_image_embeddings
+from services.decoder.engine import EngineConfig, LLMEngine, MediaSpan
 from services.decoder.sampling import SamplingParams
 from services.kimi_vl import load_kimi_vl
 from services.preprocess.processor import ImageProcessor
@@ -116,23 +115,37 @@ class OfflinePipeline:
         )
         self.engine = LLMEngine(self.model.language_model, engine_config or EngineConfig())
 
+    def prompt_media(
+        self, messages: list[dict[str, Any]], images: Sequence[Image.Image]
+    ) -> tuple[list[int], list[MediaSpan]]:
+        """Token ids of the rendered prompt and each image's embeddings at its placeholder run."""
+        if not images:
+            return encode_chat(self.tokenizer, messages, image_token_counts=[]).input_ids, []
+        processed = self.processor.preprocess(images)
+        chat = encode_chat(self.tokenizer, messages, image_token_counts=processed.num_tokens)
+        device = next(self.model.parameters()).device
+        # grids stay on the host: MoonViT reads them to lay out attention (no device sync)
+        with torch.inference_mode():
+            pixels = processed.pixel_values.to(device)
+            image_embeds = self.model.encode_images(pixels, processed.image_grid_hws)
+        rows = image_embeds.split([length for _, length in chat.image_spans])
+        return chat.input_ids, [
+            MediaSpan(start, embeds) for (start, _), embeds in zip(chat.image_spans, rows, strict=True)
+        ]
+
     def prompt_embeddings(
         self, messages: list[dict[str, Any]], images: Sequence[Image.Image]
     ) -> tuple[list[int], torch.Tensor | None]:
-        """Token ids of the rendered prompt and, when there are images, its input embeddings."""
-        if not images:
-            return encode_chat(self.tokenizer, messages, image_token_counts=[]).input_ids, None
-        processed = self.processor.preprocess(images)
-        ids = encode_chat(self.tokenizer, messages, image_token_counts=processed.num_tokens).input_ids
-        device = next(self.model.parameters()).device
-        # grids stay on the host: MoonViT reads them to lay out attention (no device sync)
-        image_embeds = self.model.encode_images(processed.pixel_values.to(device), processed.image_grid_hws)
-        ids_t = torch.tensor(ids, device=device)
+        """Token ids and the whole prompt's input embeddings [T, H] (None without images): what a
+        reference implementation is fed to check ours."""
+        ids, media = self.prompt_media(messages, images)
+        if not media:
+            return ids, None
         with torch.inference_mode():
-            embeds = self.model.language_model.embed(ids_t)
-        return ids, merge_image_embeddings(
-            embeds, ids_t, image_embeds, self.config.media_placeholder_token_id
-        )
+            embeds = self.model.language_model.embed(torch.tensor(ids, device=media[0].embeds.device))
+            for span in media:
+                embeds[span.offset : span.offset + span.embeds.shape[0]] = span.embeds
+        return ids, embeds
 
     def generate(
         self, messages: list[dict[str, Any]], images: Sequence[Image.Image], params: SamplingParams
@@ -140,11 +153,11 @@ class OfflinePipeline:
         start = time.perf_counter()
         if not params.stop_token_ids:
             params = dataclasses.replace(params, stop_token_ids=self.stop_token_ids)
-        prompt_ids, embeds = self.prompt_embeddings(messages, images)
+        prompt_ids, media = self.prompt_media(messages, images)
         tokens: list[int] = []
         first = 0.0
         finish_reason = "length"
-        for out in self.engine.generate(prompt_ids, params, prompt_embeds=embeds):
+        for out in self.engine.generate(prompt_ids, params, media):
             if not tokens:
                 first = time.perf_counter() - start
             tokens.append(out.token_id)

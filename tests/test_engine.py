@@ -8,7 +8,7 @@ import torch
 from services.common.checkpoint import write_checkpoint
 from services.common.errors import CapacityError, InvalidInputError
 from services.common.weights import load_text_model
-from services.decoder.engine import EngineConfig, LLMEngine
+from services.decoder.engine import EngineConfig, LLMEngine, MediaSpan
 from services.decoder.sampling import SamplingParams
 
 
@@ -47,7 +47,7 @@ def test_batched_requests_match_each_alone(model):
     batched = _run_all(engine, prompts, [GREEDY] * len(prompts))
     assert batched == [_alone(model, p, GREEDY) for p in prompts]
     assert all(len(b) == 10 for b in batched)
-    assert engine.scheduler.allocator.num_free == engine.config.num_blocks  # every block came back
+    assert engine.scheduler.pool.num_free == engine.config.num_blocks  # every block came back
 
 
 def test_chunked_prefill_matches_one_shot(model):
@@ -91,7 +91,7 @@ def test_prompt_embeds_equal_to_token_embeddings_give_the_same_answer(model):
     prompt = _prompts(2)[1]
     embeds = model.embed(torch.tensor(prompt)).detach()
     engine = LLMEngine(model, EngineConfig(block_size=4, max_num_batched_tokens=4))
-    assert [o.token_id for o in engine.generate(prompt, GREEDY, prompt_embeds=embeds)] == _alone(
+    assert [o.token_id for o in engine.generate(prompt, GREEDY, [MediaSpan(0, embeds)])] == _alone(
         model, prompt, GREEDY
     )
 
@@ -100,7 +100,7 @@ def test_prompt_embeds_change_the_answer(model):
     prompt = _prompts(2)[1]
     embeds = model.embed(torch.tensor(prompt)).detach()
     embeds[2:5] = torch.randn(3, embeds.shape[1], generator=torch.Generator().manual_seed(0)) * 3
-    got = [o.token_id for o in LLMEngine(model).generate(prompt, GREEDY, prompt_embeds=embeds)]
+    got = [o.token_id for o in LLMEngine(model).generate(prompt, GREEDY, [MediaSpan(0, embeds)])]
     assert got != _alone(model, prompt, GREEDY)
 
 
@@ -113,7 +113,7 @@ def test_invalid_requests_are_rejected(model):
     with pytest.raises(InvalidInputError, match="at most 23"):
         engine.add_request(list(range(30)), GREEDY)
     with pytest.raises(InvalidInputError, match="shape"):
-        engine.add_request([1, 2, 3], GREEDY, prompt_embeds=torch.zeros(2, 5))
+        engine.add_request([1, 2, 3], GREEDY, [MediaSpan(0, torch.zeros(2, 5))])
     with pytest.raises(InvalidInputError, match="top_p"):
         SamplingParams(top_p=0.0)
     big = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=16))

@@ -117,7 +117,7 @@ def test_absorbed_decode_matches_expanded_attention(model: DecoderForCausalLM) -
     q_pe = apply_rope(q_pe, cos, sin)
     cache.write(1, dec.slot_mapping, torch.randn(3, model.cfg.latent_dim))
     absorbed = attn._decode_absorbed(q_nope, q_pe, dec, cache)
-    expanded = attn._prefill_expanded(q_nope, q_pe, dec, cache)
+    expanded = attn._prefill_expanded(q_nope, q_pe, dec, cache, first_seq=0)
     torch.testing.assert_close(absorbed, expanded, rtol=0, atol=1e-5)
 
 

@@ -21,7 +21,19 @@ class CheckpointError(KimiVLError, ValueError):
 
 
 class CapacityError(KimiVLError):
-    """The request is valid but exceeds what this deployment can hold right now (KV blocks, queue)."""
+    """The request is valid but exceeds what this deployment can hold right now (KV blocks, queue).
+
+    `retry_after_s`, when set, is how long the caller should wait before trying again (HTTP's
+    Retry-After; gRPC clients get it in the details).
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(KimiVLError):
+    """The request's deadline passed before it finished; its work was stopped."""
 
 
 class UpstreamUnavailableError(KimiVLError):
@@ -36,7 +48,8 @@ class InternalError(KimiVLError):
 STATUS_BY_ERROR: dict[type[KimiVLError], tuple[int, str]] = {
     InvalidInputError: (400, "INVALID_ARGUMENT"),
     CheckpointError: (500, "FAILED_PRECONDITION"),
-    CapacityError: (503, "RESOURCE_EXHAUSTED"),
+    CapacityError: (429, "RESOURCE_EXHAUSTED"),
+    DeadlineExceededError: (504, "DEADLINE_EXCEEDED"),
     UpstreamUnavailableError: (503, "UNAVAILABLE"),
     InternalError: (500, "INTERNAL"),
 }

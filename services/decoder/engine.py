@@ -1,24 +1,28 @@
 """The decoding engine: requests in, tokens out, through the paged MLA cache.
 
-A step is three lines — schedule, run the model, post-process. The engine owns the KV cache and
+A step is three lines — schedule, run the model, post-process. Every step is mixed: a token for
+each decoding sequence, then prefill chunks (see `Scheduler`). The engine owns the KV cache and
 the scheduler; the model gets both the cache and the step's attention metadata as arguments.
-Requests may carry prompt embeddings (images already merged in); decode steps feed token ids.
-Knows nothing about tokenizers, images, Ray or gRPC.
+A request's media (images, video frames) arrive as embedding spans that replace the prompt's
+placeholder rows, each with the content hash that keys its blocks in the prefix cache.
+Knows nothing about tokenizers, text, images, Ray or gRPC: stop strings and detokenisation live
+in the async front (`AsyncEngine`), which aborts a sequence when its text says stop.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
 from services.common.errors import CapacityError, InternalError, InvalidInputError
+from services.decoder.block_pool import MediaKey
 from services.decoder.kv_cache import AttentionMetadata, PagedKVCache
 from services.decoder.model import DecoderForCausalLM
-from services.decoder.sampling import SamplingParams, make_generator, sample_next
-from services.decoder.scheduler import ScheduledBatch, Scheduler, Sequence
+from services.decoder.params import SamplingParams
+from services.decoder.sampling import TokenLogprobs, make_generator, sample
+from services.decoder.scheduler import ScheduledBatch, Scheduler, SeqState
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,27 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_tokens: int = 65536  # cache capacity; 30.4 KB/token for the 16B model in bf16
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
+    max_num_batched_tokens: int = 2048  # per step: decode tokens first, then prefill chunks
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"engine setting {name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def num_blocks(self) -> int:
         return -(-self.kv_cache_tokens // self.block_size)
+
+
+@dataclass(frozen=True)
+class MediaSpan:
+    """One image's (or video frame's) embeddings [L, H], placed at prompt rows offset..offset+L."""
+
+    offset: int
+    embeds: torch.Tensor
+    content_hash: str | None = None  # None: its KV blocks are never shared
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,22 @@ class StepOutput:
     token_id: int
     finished: bool
     finish_reason: str | None = None
+    logprobs: TokenLogprobs | None = None
+    cached_tokens: int = 0  # prompt tokens this sequence took from the prefix cache
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks held by admitted sequences
+    num_free_blocks: int
+    num_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # prompt tokens served from the cache
+    prompt_tokens: int  # prompt tokens of admitted requests (cache hits included)
+    generation_tokens: int
+    steps: int
 
 
 class LLMEngine:
@@ -67,21 +102,57 @@ class LLMEngine:
             self.config.block_size,
             self.config.max_num_seqs,
             self.config.max_num_batched_tokens,
+            enable_prefix_caching=self.config.enable_prefix_caching,
         )
-        self._seqs: dict[int, Sequence] = {}
+        self._seqs: dict[int, SeqState] = {}
+        self._generation_tokens = 0
+        self._steps = 0
+
+    # --- requests -------------------------------------------------------------------------------
 
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, prompt_embeds: torch.Tensor | None = None
+        self, prompt_ids: Sequence[int], params: SamplingParams, media: Sequence[MediaSpan] = ()
     ) -> int:
-        """Queue a request; returns its sequence id. Rejects what can never be served."""
+        """Queue one completion (params.n must be 1); returns its sequence id."""
+        if params.n != 1:
+            raise InvalidInputError("add_request makes one completion; use add_group for n > 1")
+        return self.add_group(prompt_ids, params, media)[0]
+
+    def add_group(
+        self, prompt_ids: Sequence[int], params: SamplingParams, media: Sequence[MediaSpan] = ()
+    ) -> list[int]:
+        """Queue params.n completions of one prompt; returns their sequence ids.
+
+        Completion i > 0 waits for the first one's prefill and then shares its prompt blocks; with
+        a seed, completion i samples with seed + i.
+        """
+        prompt_ids = list(prompt_ids)
+        self._check(prompt_ids, media)
+        keys = tuple(MediaKey(m.offset, int(m.embeds.shape[0]), m.content_hash) for m in media)
+        ids: list[int] = []
+        first: SeqState | None = None
+        for i in range(params.n):
+            p = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+            seq = SeqState(
+                seq_id=self.scheduler.new_seq_id(),
+                prompt_ids=prompt_ids,
+                params=p,
+                media=tuple(media),
+                media_keys=keys,
+                parent=first,
+                generator=make_generator(p),
+            )
+            first = first or seq
+            self._seqs[seq.seq_id] = seq
+            self.scheduler.add(seq)
+            ids.append(seq.seq_id)
+        return ids
+
+    def _check(self, prompt_ids: list[int], media: Sequence[MediaSpan]) -> None:
+        """Reject what can never be served."""
         n = len(prompt_ids)
         if n == 0:
             raise InvalidInputError("the prompt is empty")
-        if prompt_embeds is not None and tuple(prompt_embeds.shape) != (n, self.model.cfg.hidden_size):
-            raise InvalidInputError(
-                f"prompt_embeds has shape {list(prompt_embeds.shape)}, "
-                f"expected [{n}, {self.model.cfg.hidden_size}]"
-            )
         if bad := [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size][:5]:
             raise InvalidInputError(f"token ids outside the vocabulary: {bad}")
         if n + 1 > self.max_model_len:
@@ -91,24 +162,44 @@ class LLMEngine:
         capacity = self.config.num_blocks * self.config.block_size
         if n + 1 > capacity:
             raise CapacityError(f"the prompt has {n} tokens; the KV cache holds {capacity}")
-        seq = Sequence(
-            seq_id=self.scheduler.new_seq_id(),
-            prompt_ids=list(prompt_ids),
-            params=params,
-            prompt_embeds=prompt_embeds,
-            generator=make_generator(params),
-        )
-        self._seqs[seq.seq_id] = seq
-        self.scheduler.add(seq)
-        return seq.seq_id
+        end = 0
+        hidden = self.model.cfg.hidden_size
+        for i, m in enumerate(sorted(media, key=lambda m: m.offset)):
+            if m.embeds.dim() != 2 or m.embeds.shape[1] != hidden or m.embeds.shape[0] < 1:
+                raise InvalidInputError(
+                    f"media embeddings have shape {list(m.embeds.shape)}, expected [tokens, {hidden}]"
+                )
+            if m.offset < end or m.offset + m.embeds.shape[0] > n:
+                raise InvalidInputError(f"media span {i} overlaps another or runs past the prompt")
+            end = m.offset + int(m.embeds.shape[0])
 
-    def abort(self, seq_id: int) -> None:
+    def abort(self, seq_id: int) -> bool:
+        """Stop a sequence now and free its blocks; False if it had already finished."""
         seq = self._seqs.pop(seq_id, None)
-        if seq is not None:
-            self.scheduler.finish(seq, "abort")
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        pool, prefix = self.scheduler.pool, self.scheduler.prefix_stats
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=pool.usage,
+            num_free_blocks=pool.num_free,
+            num_blocks=pool.num_blocks,
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
+            prompt_tokens=prefix.queries,
+            generation_tokens=self._generation_tokens,
+            steps=self._steps,
+        )
+
+    # --- the step -------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
@@ -117,14 +208,14 @@ class LLMEngine:
             if self.scheduler.has_unfinished():
                 raise InternalError("the scheduler cannot place any waiting request in the KV cache")
             return []
-        logits, sampling_rows = self._run(batch)
-        return self._postprocess(batch, logits, sampling_rows)
+        logits, rows = self._run(batch)
+        return self._postprocess(batch, logits, rows)
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, prompt_embeds: torch.Tensor | None = None
+        self, prompt_ids: Sequence[int], params: SamplingParams, media: Sequence[MediaSpan] = ()
     ) -> Iterator[StepOutput]:
         """Run steps until this request finishes, yielding its tokens (other requests advance too)."""
-        seq_id = self.add_request(prompt_ids, params, prompt_embeds)
+        seq_id = self.add_request(prompt_ids, params, media)
         try:
             while seq_id in self._seqs:
                 for out in self.step():
@@ -134,20 +225,24 @@ class LLMEngine:
             self.abort(seq_id)
 
     def _inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids [T] of the step, and input embeddings [T, H] when a prompt brings its own."""
+        """Token ids [T] of the step, and input embeddings [T, H] when a chunk covers media rows."""
         ids: list[int] = []
-        for seq, n in zip(batch.seqs, batch.query_lens, strict=True):
-            ids.extend(seq.token_ids(seq.num_computed, seq.num_computed + n))
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        if not batch.is_prefill or all(s.prompt_embeds is None for s in batch.seqs):
-            return input_ids, None
-        embeds = self.model.embed(input_ids)
+        pieces: list[tuple[int, torch.Tensor]] = []  # (row, embeds) to place
         row = 0
         for seq, n in zip(batch.seqs, batch.query_lens, strict=True):
-            start, end = seq.num_computed, min(seq.num_computed + n, len(seq.prompt_ids))
-            if seq.prompt_embeds is not None and end > start:
-                embeds[row : row + end - start] = seq.prompt_embeds[start:end].to(embeds.device, embeds.dtype)
+            start, end = seq.num_computed, seq.num_computed + n
+            ids.extend(seq.token_ids(start, end))
+            for m in seq.media:
+                lo, hi = max(start, m.offset), min(end, m.offset + m.embeds.shape[0])
+                if lo < hi:
+                    pieces.append((row + lo - start, m.embeds[lo - m.offset : hi - m.offset]))
             row += n
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if not pieces:
+            return input_ids, None
+        embeds = self.model.embed(input_ids)
+        for at, rows in pieces:
+            embeds[at : at + rows.shape[0]] = rows.to(embeds.device, embeds.dtype)
         return input_ids, embeds
 
     def _run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
@@ -163,29 +258,44 @@ class LLMEngine:
         hidden = self.model(
             None if embeds is not None else input_ids, attn.positions, attn, self.cache, inputs_embeds=embeds
         )
-        rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
-        ends = list(itertools.accumulate(batch.query_lens))  # row after each sequence's last token
-        last = [ends[i] - 1 for i in rows]
+        rows, last, end = [], [], 0
+        for i, n in enumerate(batch.query_lens):
+            end += n
+            if batch.samples(i):
+                rows.append(i)
+                last.append(end - 1)
         logits = self.model.compute_logits(hidden[last]) if rows else hidden.new_empty(0)
         return logits, rows
 
     def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor, rows: list[int]) -> list[StepOutput]:
+        self._steps += 1
         self.scheduler.after_step(batch)
+        self.scheduler.publish(batch)
         if not rows:
             return []
         seqs = [batch.seqs[i] for i in rows]
-        tokens = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        result = sample(
+            logits,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+            [s.prompt_ids for s in seqs],
+            [s.output_ids for s in seqs],
+        )
         outputs: list[StepOutput] = []
-        for seq, token in zip(seqs, tokens, strict=True):
+        for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
             seq.output_ids.append(token)
+            self._generation_tokens += 1
+            self.scheduler.after_sample(seq)
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self._seqs.pop(seq.seq_id, None)
-            outputs.append(StepOutput(seq.seq_id, token, reason is not None, reason))
+            outputs.append(
+                StepOutput(seq.seq_id, token, reason is not None, reason, lp, seq.num_cached_prompt or 0)
+            )
         return outputs
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: SeqState, token: int) -> str | None:
         if not seq.params.ignore_eos and token in seq.params.stop_token_ids:
             return "stop"
         capacity = self.config.num_blocks * self.config.block_size

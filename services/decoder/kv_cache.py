@@ -133,6 +133,17 @@ class AttentionMetadata:
         return all(q == 1 for q in self.query_lens)
 
     @property
+    def num_decodes(self) -> int:
+        """The leading sequences with one new token each: MLA runs them in its absorbed form and
+        the rest (prefill chunks) in the expanded form. The scheduler puts decodes first."""
+        n = 0
+        for q in self.query_lens:
+            if q != 1:
+                break
+            n += 1
+        return n
+
+    @property
     def max_context_len(self) -> int:
         return max(self.context_lens, default=0)
 

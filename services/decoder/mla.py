@@ -79,10 +79,19 @@ class MLAttention(nn.Module):
         q_pe = apply_rope(q_pe, *rope)  # [T, nH, rope]
         latents = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe, *rope)], dim=-1)  # [T, D]
         kv_cache.write(self.layer_idx, attn.slot_mapping, latents)
-        if attn.is_decode:
+        # a mixed step: decodes (first d rows, one per sequence) absorbed, prefill chunks expanded
+        d = attn.num_decodes
+        if d == attn.num_seqs:
             out = self._decode_absorbed(q_nope, q_pe, attn, kv_cache)
+        elif d == 0:
+            out = self._prefill_expanded(q_nope, q_pe, attn, kv_cache, first_seq=0)
         else:
-            out = self._prefill_expanded(q_nope, q_pe, attn, kv_cache)
+            out = torch.cat(
+                [
+                    self._decode_absorbed(q_nope[:d], q_pe[:d], attn, kv_cache, num_seqs=d),
+                    self._prefill_expanded(q_nope[d:], q_pe[d:], attn, kv_cache, first_seq=d),
+                ]
+            )
         return self.o_proj(out.flatten(1))  # [T, nH·v] -> [T, H]
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,24 +102,41 @@ class MLAttention(nn.Module):
     def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj's halves in the layouts the decode matmuls read: W_uk [nH, nope, R] and
         W_uv transposed [nH, R, v], contiguous. Made once per weight version (slicing the weight
-        per step made every decode step copy both, ~45% of a step at the release's sizes)."""
+        per step made every decode step copy both, ~45% of a step at the release's sizes).
+
+        On CPU they are kept in fp32: without AVX512-BF16 a bf16 `bmm` takes a scalar fallback
+        (4-8x slower than fp32's at batch 1, 10x at batch 8), and bf16 -> fp32 is exact.
+        Traced code (torch.compile) cannot read `data_ptr` / `_version`: there the copies made
+        before capture are used as they are (`DecodeRunner` makes them).
+        """
+        if self._absorbed is not None and torch.compiler.is_compiling():
+            return self._absorbed[1], self._absorbed[2]
         w = self.kv_b_proj.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._absorbed is None or self._absorbed[0] != key:
             w3 = w.detach().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-            w_uk = w3[:, : self.nope_dim].contiguous()
-            w_uv_t = w3[:, self.nope_dim :].transpose(1, 2).contiguous()
+            dtype = torch.float32 if w.device.type == "cpu" else w.dtype
+            w_uk = w3[:, : self.nope_dim].to(dtype).contiguous()
+            w_uv_t = w3[:, self.nope_dim :].transpose(1, 2).to(dtype).contiguous()
             self._absorbed = (key, w_uk, w_uv_t)
         return self._absorbed[1], self._absorbed[2]
 
     def _prefill_expanded(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, attn: AttentionMetadata, kv_cache: PagedKVCache
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_cache: PagedKVCache,
+        first_seq: int,
     ) -> torch.Tensor:
-        """Causal attention of each sequence's new tokens over its full context. -> [T, nH, v]."""
-        q = torch.cat([q_nope, q_pe], dim=-1)  # [T, nH, nope+rope]
+        """Causal attention of the new tokens of sequences first_seq.. over their full context.
+
+        q_nope / q_pe hold those sequences' rows only. -> [T', nH, v]."""
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [T', nH, nope+rope]
         outs = []
         start = 0
-        for b, (q_len, ctx) in enumerate(zip(attn.query_lens, attn.context_lens, strict=True)):
+        seqs = zip(attn.query_lens[first_seq:], attn.context_lens[first_seq:], strict=True)
+        for b, (q_len, ctx) in enumerate(seqs, start=first_seq):
             latents = kv_cache.gather(self.layer_idx, attn.block_tables[b : b + 1], ctx)[0]  # [C, D]
             latents = latents.to(q.dtype)
             c_kv, k_pe = latents.split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -125,25 +151,39 @@ class MLAttention(nn.Module):
         return torch.cat(outs, dim=0)
 
     def _decode_absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, attn: AttentionMetadata, kv_cache: PagedKVCache
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_cache: PagedKVCache,
+        num_seqs: int | None = None,
     ) -> torch.Tensor:
-        """One query per sequence, attention in latent space. -> [B, nH, v]."""
+        """One query for each of the first `num_seqs` sequences (default all), in latent space.
+
+        -> [B, nH, v]."""
+        tables, context_lens = attn.block_tables, attn.context_lens_tensor
+        if num_seqs is not None:
+            # only as many blocks as the longest decode holds: a long prefill chunk in the same
+            # step must not make every decode read its context width
+            width = -(-max(attn.context_lens[:num_seqs]) // attn.block_size)
+            tables, context_lens = tables[:num_seqs, :width], context_lens[:num_seqs]
         w_uk, w_uv_t = self._absorbed_weights()
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [nH, B, nope] @ [nH, nope, R] -> [nH, B, R]
+        dtype = q_pe.dtype
+        # [nH, B, nope] @ [nH, nope, R] -> [nH, B, R]
+        q_lat = torch.bmm(q_nope.transpose(0, 1).to(w_uk.dtype), w_uk).to(dtype)
         q_abs = torch.cat([q_lat.transpose(0, 1), q_pe], dim=-1)  # [B, nH, D]: against [c_kv | k_pe]
         # read whole blocks (C = table width × block size, the tail masked): the shape then changes
         # once per block, not per step — each new shape costs a fresh oneDNN kernel on CPU
-        length = attn.block_tables.shape[1] * attn.block_size
-        latents = kv_cache.gather(self.layer_idx, attn.block_tables, length).to(q_abs.dtype)  # [B, C, D]
-        pos = torch.arange(length, device=latents.device)
-        mask = pos[None, :] < attn.context_lens_tensor[:, None]  # [B, C]
-        # latents stay the row-major operand: a transposed bf16 operand takes a slow path on CPU
-        scores = torch.bmm(latents, q_abs.transpose(1, 2)).transpose(1, 2) * self.scale  # [B, nH, C]
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_abs.dtype)  # [B, nH, C]
-        o_lat = torch.bmm(probs, latents[..., : self.kv_lora_rank])  # [B, nH, R]
-        return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [nH, B, v] -> [B, nH, v]
-
+        length = tables.shape[1] * attn.block_size
+        latents = kv_cache.gather(self.layer_idx, tables, length).to(dtype)[:, None]  # [B, 1, C, D]
+        mask = torch.arange(length, device=latents.device) < context_lens[:, None]  # [B, C]
+        # one kv head (the latents) shared by all query heads: the nH heads are the query rows of
+        # one SDPA head; the latents serve as values too (the output's rope dims are dropped)
+        o = F.scaled_dot_product_attention(
+            q_abs[:, None], latents, latents, attn_mask=mask[:, None, None, :], scale=self.scale
+        )  # [B, 1, nH, D]
+        o_lat = o[:, 0, :, : self.kv_lora_rank].transpose(0, 1)  # [nH, B, R]
+        return torch.bmm(o_lat.to(w_uv_t.dtype), w_uv_t).to(dtype).transpose(0, 1)  # [B, nH, v]
 
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float

@@ -1,10 +1,15 @@
-"""Continuous-batching scheduler: which sequences run in the next model step.
+"""Continuous-batching scheduler: which sequences run in the next model step, and how many tokens.
 
-Each step is either a prefill step (prompt chunks of waiting sequences, bounded by a token
-budget, a prompt longer than the budget is prefilled in chunks across steps) or a decode step
-(one token for every running sequence). When the KV cache runs out of blocks during decode, the
-most recently admitted sequence is preempted: its blocks are freed and it is re-queued to be
-recomputed. Pure Python: knows nothing about torch, the model or sampling.
+Every step is mixed. It first gives each running sequence that is decoding its one token, then
+fills the rest of the token budget with prefill chunks: sequences part-way through their prompt
+first, then newly admitted ones. A long prompt is prefilled a chunk per step, so the streams that
+are decoding never pause for it. Admission looks up the prompt's full blocks in the prefix cache
+(`BlockPool`) and computes only what is not cached. When the KV cache runs out of blocks during
+decode, the most recently admitted sequence is preempted: its blocks are freed (cached ones stay
+reusable) and it is queued again to be recomputed. The `n` completions of one prompt wait for the
+first one's prefill and then share its blocks.
+
+Pure Python: knows nothing about torch, the model or sampling.
 """
 
 from __future__ import annotations
@@ -15,27 +20,34 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from services.decoder.kv_cache import BlockAllocator, blocks_needed
-from services.decoder.sampling import SamplingParams
+from services.decoder.block_pool import BlockHash, BlockPool, MediaKey, block_hashes
+from services.decoder.kv_cache import blocks_needed
+from services.decoder.params import SamplingParams
 
 
 class SequenceStatus(Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
+    WAITING = "waiting"  # holds no blocks
+    RUNNING = "running"  # admitted: holds blocks, prefilling or decoding
     FINISHED = "finished"
 
 
-@dataclass
-class Sequence:
-    """One request's tokens and cache state. `prompt_embeds` rows override the prompt's embeddings."""
+@dataclass(eq=False)
+class SeqState:
+    """One completion's tokens and cache state. `media` rows override the prompt's embeddings."""
 
     seq_id: int
     prompt_ids: list[int]
     params: SamplingParams
-    prompt_embeds: Any = None
+    media: tuple[Any, ...] = ()  # engine-side media spans (offset, embeds, content hash)
+    media_keys: tuple[MediaKey, ...] = ()
+    parent: SeqState | None = None  # the first completion of the same prompt (n > 1)
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose latents are in the cache
+    num_cached_prompt: int | None = None  # prompt tokens served by the prefix cache (first admission)
+    block_keys: list[BlockHash] = field(default_factory=list)  # keys of the full blocks known so far
+    keys_complete: bool = False  # a block with unkeyed media ended the chain
+    num_registered: int = 0  # leading blocks of block_table published to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     generator: Any = None
@@ -44,18 +56,34 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def num_remaining(self) -> int:
+        """Tokens to compute before this sequence can sample again."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed >= len(self.prompt_ids)
+
     def token_ids(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids + self.output_ids)[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
 
 
 @dataclass(frozen=True)
 class ScheduledBatch:
-    seqs: list[Sequence]
-    query_lens: list[int]  # new tokens per sequence this step
-    is_prefill: bool
+    """Decodes first (one token each), then prefill chunks; query_lens[i] tokens of seqs[i]."""
+
+    seqs: list[SeqState]
+    query_lens: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
 
     def samples(self, i: int) -> bool:
         """Whether sequence i produces a token this step (a partial prefill chunk does not)."""
@@ -63,98 +91,185 @@ class ScheduledBatch:
         return seq.num_computed + self.query_lens[i] == seq.num_tokens
 
 
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up (first admissions)
+    hits: int = 0  # of those, tokens served from the cache
+
+
 class Scheduler:
     def __init__(
-        self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_prefix_caching: bool = True,
     ) -> None:
-        self.allocator = BlockAllocator(num_blocks)
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[SeqState] = deque()
+        self.running: list[SeqState] = []  # admission order: the last is preempted first
+        self.prefix_stats = PrefixCacheStats()
         self._ids = itertools.count()
 
     def new_seq_id(self) -> int:
         return next(self._ids)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SeqState) -> None:
+        self._extend_keys(seq)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+    # --- one step -------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch | None:
+        """The next step: a token for every decoding sequence, then prefill chunks up to the budget."""
+        budget = self.max_num_batched_tokens
+        decodes: list[SeqState] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.num_remaining != 1:
+                continue  # preempted to make room for an earlier one, or still prefilling
+            if self._grow_or_preempt(seq):
+                decodes.append(seq)
+                budget -= 1
+        chunks: list[tuple[SeqState, int]] = []
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.num_remaining > 1:
+                n = min(seq.num_remaining, budget)
+                if not self._grow(seq, seq.num_computed + n):
+                    break
+                chunks.append((seq, n))
+                budget -= n
+        budget = self._admit(budget, chunks)
+        seqs = decodes + [s for s, _ in chunks]
+        lens = [1] * len(decodes) + [n for _, n in chunks]
+        return ScheduledBatch(seqs, lens) if seqs else None
+
+    def _admit(self, budget: int, chunks: list[tuple[SeqState, int]]) -> int:
+        """Move waiting sequences into the batch while the budget, seats and blocks allow."""
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if not self._may_start(seq):
+                continue  # a sibling waits for the first completion's prefill
+            cached = self._lookup(seq)
+            n = min(seq.num_remaining, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                self._release(seq)
+                break
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if seq.num_cached_prompt is None:
+                seq.num_cached_prompt = cached
+                self.prefix_stats.queries += len(seq.prompt_ids)
+                self.prefix_stats.hits += cached
+            chunks.append((seq, n))
+            budget -= n
+        return budget
+
+    @staticmethod
+    def _may_start(seq: SeqState) -> bool:
+        p = seq.parent
+        return p is None or p.status is SequenceStatus.FINISHED or p.prefilled
+
+    def _lookup(self, seq: SeqState) -> int:
+        """Take the cached blocks of the prompt's longest cached prefix; returns the tokens covered.
+
+        At least one token is always left to compute: its logits give the first output token.
+        """
+        usable = (seq.num_tokens - 1) // self.block_size
+        blocks = self.pool.lookup(seq.block_keys[:usable])
+        seq.block_table = blocks
+        seq.num_registered = len(blocks)
+        seq.num_computed = len(blocks) * self.block_size
+        return seq.num_computed
+
+    def _release(self, seq: SeqState) -> None:
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+        seq.num_registered = 0
+
+    def _grow(self, seq: SeqState, num_tokens: int) -> bool:
         """Give `seq` blocks for `num_tokens` tokens; False (allocating nothing) if the cache is full."""
         extra = blocks_needed(num_tokens, self.block_size) - len(seq.block_table)
         if extra <= 0:
             return True
-        if extra > self.allocator.num_free:
+        if extra > self.pool.num_free:
             return False
-        seq.block_table.extend(self.allocator.allocate(extra))
+        seq.block_table.extend(self.pool.allocate(extra))
         return True
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        seqs: list[Sequence] = []
-        lens: list[int] = []
-        budget = self.max_num_batched_tokens
-        while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.max_num_seqs:
-            seq = self.waiting[0]
-            chunk = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._grow(seq, seq.num_computed + chunk):
-                break
-            seqs.append(seq)
-            lens.append(chunk)
-            budget -= chunk
-            if seq.num_computed + chunk < seq.num_tokens:
-                break  # a partial chunk stays at the head of the queue
-            self.waiting.popleft()
-        return ScheduledBatch(seqs, lens, is_prefill=True) if seqs else None
+    def _grow_or_preempt(self, seq: SeqState) -> bool:
+        while not self._grow(seq, seq.num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: SeqState) -> None:
         self.running.remove(seq)
-        self.allocator.free(seq.block_table)
-        seq.block_table = []
-        seq.num_computed = 0
+        self._release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        scheduled: list[Sequence] = []
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted while making room for an earlier one
-            while not self._grow(seq, seq.num_tokens):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is SequenceStatus.RUNNING:
-                scheduled.append(seq)
-        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False) if scheduled else None
-
-    def schedule(self) -> ScheduledBatch | None:
-        """The next step's batch: waiting prompts first (prefill), else one decode step for all running."""
-        return self._schedule_prefill() or self._schedule_decode()
-
     def after_step(self, batch: ScheduledBatch) -> None:
-        """Account for the tokens the model just cached; promote fully prefilled sequences."""
+        """Account for the tokens the model just cached and publish the blocks they filled."""
         for seq, n in zip(batch.seqs, batch.query_lens, strict=True):
             seq.num_computed += n
-            if (
-                batch.is_prefill
-                and seq.num_computed == seq.num_tokens
-                and seq.status is SequenceStatus.WAITING
-            ):
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def after_sample(self, seq: SeqState) -> None:
+        """`seq` has a new output token: key the blocks it completes and publish computed ones."""
+        self._extend_keys(seq)
+        full = min(seq.num_computed // self.block_size, len(seq.block_keys))
+        while seq.num_registered < full:
+            i = seq.num_registered
+            self.pool.register(seq.block_table[i], seq.block_keys[i])
+            seq.num_registered += 1
+
+    def _extend_keys(self, seq: SeqState) -> None:
+        if seq.keys_complete or not self.pool.enable_caching:
+            return
+        known = len(seq.block_keys)
+        if seq.num_tokens // self.block_size <= known:
+            return
+        tokens = seq.token_ids(0, seq.num_tokens)
+        parent = seq.block_keys[-1] if seq.block_keys else None
+        new = block_hashes(tokens, self.block_size, seq.media_keys, parent=parent, first_block=known)
+        seq.block_keys.extend(new)
+        if len(seq.block_keys) < seq.num_tokens // self.block_size:
+            seq.keys_complete = True  # unkeyed media: nothing from there on is shared
+
+    def publish(self, batch: ScheduledBatch) -> None:
+        """Publish the blocks a prefill chunk filled (sampling sequences do it in after_sample)."""
+        for i, seq in enumerate(batch.seqs):
+            if not batch.samples(i):
+                self.after_sample(seq)
+
+    def finish(self, seq: SeqState, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
-        self.allocator.free(seq.block_table)
-        seq.block_table = []
+        self._release(seq)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)

@@ -1,0 +1,158 @@
+"""The engine as a server needs it: mixed steps, prefix caching (media-aware), n > 1, abort.
+
+Every answer is checked against the same request run alone on a fresh engine (the offline path),
+which the golden tests tie to transformers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.common.checkpoint import write_checkpoint
+from services.common.weights import load_text_model
+from services.decoder.engine import EngineConfig, LLMEngine, MediaSpan
+from services.decoder.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
+PAD = 7  # stands in for the media placeholder id: the engine does not care which id it is
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("serving") / "tiny", dtype=torch.float32)
+    return load_text_model(ckpt, torch.float32)
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(10, 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _image(model, tokens: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, model.cfg.hidden_size, generator=gen)
+
+
+def _alone(model, prompt, params=GREEDY, media=()) -> list[int]:
+    engine = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=4096, enable_prefix_caching=False))
+    return [o.token_id for o in engine.generate(prompt, params, media)]
+
+
+def _drain(engine: LLMEngine, ids: list[int]) -> tuple[dict[int, list[int]], list[list[int]]]:
+    """Run to completion; returns tokens per sequence and, per step, which sequences got a token."""
+    out: dict[int, list[int]] = {i: [] for i in ids}
+    steps: list[list[int]] = []
+    while engine.has_unfinished():
+        outputs = engine.step()
+        steps.append([o.seq_id for o in outputs])
+        for o in outputs:
+            out.setdefault(o.seq_id, []).append(o.token_id)
+    return out, steps
+
+
+def test_sixteen_concurrent_requests_with_images_match_each_alone(model) -> None:
+    requests = []
+    for i in range(16):
+        prompt = _tokens(5 + 11 * i, seed=i)
+        media: list[MediaSpan] = []
+        if i % 3 == 0:  # an image of 12 tokens after the first 3 tokens
+            prompt[3:3] = [PAD] * 12
+            media = [MediaSpan(3, _image(model, 12, seed=100 + i), content_hash=f"img{i}")]
+        requests.append((prompt, media))
+    engine = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=4096, max_num_batched_tokens=48))
+    ids = [engine.add_request(p, GREEDY, m) for p, m in requests]
+    got, steps = _drain(engine, ids)
+    assert [got[i] for i in ids] == [_alone(model, p, GREEDY, m) for p, m in requests]
+    assert any(len(s) > 1 for s in steps)  # they really were batched
+    assert engine.scheduler.pool.num_free == engine.config.num_blocks
+
+
+def test_a_long_prefill_never_pauses_decoding_streams(model) -> None:
+    engine = LLMEngine(model, EngineConfig(block_size=16, kv_cache_tokens=8192, max_num_batched_tokens=256))
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    streams = [engine.add_request(_tokens(20, seed=i), params) for i in range(8)]
+    seen: set[int] = set()
+    while not set(streams) <= seen:  # until every stream is decoding
+        seen |= {o.seq_id for o in engine.step()}
+    long_id = engine.add_request(_tokens(2048, seed=99), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    steps = 0
+    while True:
+        outputs = engine.step()
+        steps += 1
+        got = {o.seq_id for o in outputs}
+        assert set(streams) <= got, f"step {steps}: a decoding stream was paused"
+        if long_id in got:
+            break
+    assert steps >= 2048 // 256  # the prompt took several chunked steps, each with all 8 decodes
+
+
+def test_second_turn_prefills_only_its_new_tokens(model) -> None:
+    engine = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=4096))
+    turn1 = _tokens(37, seed=1)
+    outs = list(engine.generate(turn1, GREEDY))
+    answer = [o.token_id for o in outs]
+    assert outs[0].cached_tokens == 0
+    turn2 = turn1 + answer + _tokens(9, seed=2)
+    outs2 = list(engine.generate(turn2, GREEDY))
+    # every full block of turn 1's prompt and answer that was computed is reused
+    computed = len(turn1) + len(answer) - 1  # the last answer token was never fed back
+    assert outs2[0].cached_tokens == computed // 4 * 4
+    assert [o.token_id for o in outs2] == _alone(model, turn2)
+    stats = engine.stats()
+    assert stats.prefix_cache_hits == outs2[0].cached_tokens
+    assert stats.prefix_cache_queries == len(turn1) + len(turn2)
+
+
+def test_two_same_size_images_never_share_kv(model) -> None:
+    prefix, suffix = _tokens(6, seed=3), _tokens(5, seed=4)
+    prompt = prefix + [PAD] * 16 + suffix
+    red = [MediaSpan(6, _image(model, 16, seed=1), content_hash="red")]
+    blue = [MediaSpan(6, _image(model, 16, seed=2), content_hash="blue")]
+    engine = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=4096))
+    first = list(engine.generate(prompt, GREEDY, red))
+    second = list(engine.generate(prompt, GREEDY, blue))
+    assert [o.token_id for o in first] == _alone(model, prompt, GREEDY, red)
+    assert [o.token_id for o in second] == _alone(model, prompt, GREEDY, blue)
+    assert [o.token_id for o in first] != [o.token_id for o in second]
+    assert second[0].cached_tokens == 4  # only the text block before the image
+    again = list(engine.generate(prompt, GREEDY, red))  # the same picture again: a real hit
+    assert again[0].cached_tokens == (len(prompt) - 1) // 4 * 4
+    assert [o.token_id for o in again] == [o.token_id for o in first]
+
+
+def test_n_completions_share_the_prompt_blocks(model) -> None:
+    prompt = _tokens(30, seed=5)
+    params = SamplingParams(max_new_tokens=6, temperature=0.8, seed=11, n=3, ignore_eos=True)
+    engine = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=4096))
+    ids = engine.add_group(prompt, params)
+    cached: dict[int, int] = {}
+    out: dict[int, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.seq_id].append(o.token_id)
+            cached.setdefault(o.seq_id, o.cached_tokens)
+    assert cached[ids[0]] == 0 and cached[ids[1]] == cached[ids[2]] == 28
+    for i, seq_id in enumerate(ids):
+        alone = SamplingParams(max_new_tokens=6, temperature=0.8, seed=11 + i, ignore_eos=True)
+        assert out[seq_id] == _alone(model, prompt, alone)
+
+
+def test_abort_frees_blocks_at_once(model) -> None:
+    engine = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=256))
+    total = engine.scheduler.pool.num_free
+    seq = engine.add_request(_tokens(40, seed=6), SamplingParams(max_new_tokens=100, ignore_eos=True))
+    other = engine.add_request(_tokens(9, seed=7), SamplingParams(max_new_tokens=100, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.scheduler.pool.num_free < total
+    assert engine.abort(seq) and engine.abort(other)
+    assert engine.scheduler.pool.num_free == total
+    assert not engine.has_unfinished() and not engine.abort(seq)
+
+
+def test_prefix_caching_off_gives_the_same_answers(model) -> None:
+    prompt = _tokens(23, seed=8)
+    on = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=4096))
+    first = [o.token_id for o in on.generate(prompt, GREEDY)]
+    hit = list(on.generate(prompt, GREEDY))
+    assert hit[0].cached_tokens == 20 and [o.token_id for o in hit] == first == _alone(model, prompt)
