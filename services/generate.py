@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from services.common.chat_template import encode_chat
-from services.common.config import load_config, load_processor_config, load_stop_token_ids
+from services.common.chat_template import encode_chat, end_of_turn_ids
+from services.common.config import load_config, load_processor_config
 from services.common.errors import InvalidInputError
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine import EngineConfig, LLMEngine, MediaSpan
@@ -107,12 +107,7 @@ class OfflinePipeline:
         self.tokenizer = KimiTokenizer.from_pretrained(checkpoint_dir)
         self.processor = ImageProcessor(load_processor_config(checkpoint_dir, self.config.vision_config))
         self.model = load_kimi_vl(checkpoint_dir, dtype=dtype, device=device, progress=progress)
-        self.stop_token_ids = tuple(
-            sorted(
-                {*load_stop_token_ids(checkpoint_dir, self.config.text_config)}
-                | {self.tokenizer.eos_id, self.tokenizer.special_token_id("<|im_end|>")}
-            )
-        )
+        self.stop_token_ids = end_of_turn_ids(checkpoint_dir, self.config.text_config, self.tokenizer)
         self.engine = LLMEngine(self.model.language_model, engine_config or EngineConfig())
 
     def prompt_media(

@@ -23,6 +23,7 @@ import pytest
 GRPC_SERVICER_FUNCTIONS = [
     "protos.kimi_vl.v1.preprocess_pb2_grpc.add_PreprocessServicer_to_server",
     "protos.kimi_vl.v1.encode_pb2_grpc.add_EncoderServicer_to_server",
+    "protos.kimi_vl.v1.generate_pb2_grpc.add_GeneratorServicer_to_server",
 ]
 
 

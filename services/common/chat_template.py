@@ -36,6 +36,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from services.common.config import TextConfig, load_stop_token_ids
 from services.common.errors import CheckpointError, InvalidInputError
 from services.common.tokenizer import KimiTokenizer
 
@@ -360,3 +361,14 @@ def _tokenize_masked(
             f"the chat template wrote {len(spans)} image placeholders for {len(counts)} images"
         )
     return ids, spans
+
+
+def end_of_turn_ids(
+    checkpoint_dir: str | Path, text: TextConfig, tokenizer: KimiTokenizer
+) -> tuple[int, ...]:
+    """The ids that end an answer: the checkpoint's eos ids, the tokenizer's eos and `<|im_end|>`
+    (the turn end the template writes), sorted."""
+    stops = {*load_stop_token_ids(checkpoint_dir, text), tokenizer.eos_id}
+    if tokenizer.has_special_token(IM_END):
+        stops.add(tokenizer.special_token_id(IM_END))
+    return tuple(sorted(stops))
