@@ -140,12 +140,15 @@ class Scheduler:
                 decodes.append(seq)
                 budget -= 1
         chunks: list[tuple[SeqState, int]] = []
-        for seq in self.running:
+        for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.num_remaining > 1:
+            if seq.num_remaining > 1 and seq.status is SequenceStatus.RUNNING:
                 n = min(seq.num_remaining, budget)
-                if not self._grow(seq, seq.num_computed + n):
+                if not self._grow(seq, seq.num_computed + n) and not (
+                    # nothing decodes to free blocks later: make room now, newest admitted first
+                    not decodes and self._grow_or_preempt(seq, seq.num_computed + n)
+                ):
                     break
                 chunks.append((seq, n))
                 budget -= n
@@ -210,8 +213,10 @@ class Scheduler:
         seq.block_table.extend(self.pool.allocate(extra))
         return True
 
-    def _grow_or_preempt(self, seq: SeqState) -> bool:
-        while not self._grow(seq, seq.num_tokens):
+    def _grow_or_preempt(self, seq: SeqState, num_tokens: int | None = None) -> bool:
+        """Grow `seq` to num_tokens (default all its tokens), preempting the newest admitted
+        sequences as needed; False if `seq` itself had to go."""
+        while not self._grow(seq, seq.num_tokens if num_tokens is None else num_tokens):
             victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:
