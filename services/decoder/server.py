@@ -30,7 +30,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,10 @@ from ray.serve.grpc_util import RayServegRPCContext
 from protos.kimi_vl.v1 import generate_pb2 as pb
 from services.common.chat_template import end_of_turn_ids
 from services.common.config import GENERATION_CONFIG_FILE, KimiVLConfig, load_config
-from services.common.devices import DTYPES, resolve_device, resolve_dtype
+from services.common.devices import resolve_device, resolve_dtype
 from services.common.errors import InvalidInputError
 from services.common.grpc_status import set_error_status
+from services.common.settings import check_dtype_name, known_fields
 from services.common.tokenizer import KimiTokenizer
 from services.common.weights import load_text_model
 from services.decoder.async_engine import (
@@ -98,17 +99,14 @@ class DecoderSettings:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> DecoderSettings:
-        values = _known(cls, args, "decoder setting")
+        values = known_fields(cls, args, "decoder setting")
         if "checkpoint_dir" not in values:
             raise InvalidInputError("decoder settings need checkpoint_dir")
-        values["engine"] = EngineConfig(**_known(EngineConfig, values.get("engine") or {}, "engine setting"))
+        values["engine"] = EngineConfig(**known_fields(EngineConfig, values.get("engine"), "engine setting"))
         values["cache"] = EmbeddingCacheSettings(
-            **_known(EmbeddingCacheSettings, values.get("cache") or {}, "cache setting")
+            **known_fields(EmbeddingCacheSettings, values.get("cache"), "cache setting")
         )
-        if values.get("dtype", "auto") not in ("auto", *DTYPES):
-            raise InvalidInputError(
-                f"dtype must be auto or one of {', '.join(DTYPES)}, got {values['dtype']}"
-            )
+        check_dtype_name(values.get("dtype", "auto"))
         if values.get("metrics_interval_s", 1.0) <= 0 or values.get("max_waiting_requests", 1) < 1:
             raise InvalidInputError("metrics_interval_s must be > 0 and max_waiting_requests >= 1")
         if values.get("split_reasoning", "auto") not in ("auto", True, False):
@@ -119,13 +117,6 @@ class DecoderSettings:
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)
-
-
-def _known(cls: type, raw: Mapping[str, Any], what: str) -> dict[str, Any]:
-    unknown = sorted(set(raw) - {f.name for f in fields(cls)})
-    if unknown:
-        raise InvalidInputError(f"unknown {what}(s): {', '.join(unknown)}")
-    return dict(raw)
 
 
 # ---------------------------------------------------------------------------------------------
