@@ -156,3 +156,16 @@ def test_prefix_caching_off_gives_the_same_answers(model) -> None:
     first = [o.token_id for o in on.generate(prompt, GREEDY)]
     hit = list(on.generate(prompt, GREEDY))
     assert hit[0].cached_tokens == 20 and [o.token_id for o in hit] == first == _alone(model, prompt)
+
+
+@pytest.mark.slow
+def test_captured_decode_steps_give_the_same_answers(model) -> None:
+    """torch.compile'd decode steps (padded to batch buckets through the reserved scratch block)
+    answer exactly as eager steps do, with requests finishing at different times."""
+    prompts = [_tokens(9 + 7 * i, seed=20 + i) for i in range(3)]
+    params = [SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True) for i in range(3)]
+    config = EngineConfig(block_size=4, kv_cache_tokens=512, max_num_seqs=4, decode_capture="compile")
+    engine = LLMEngine(model, config)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    got, _ = _drain(engine, ids)
+    assert [got[i] for i in ids] == [_alone(model, p, sp) for p, sp in zip(prompts, params, strict=True)]

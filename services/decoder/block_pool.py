@@ -71,15 +71,16 @@ def block_hashes(
 
 
 class BlockPool:
-    """Block ids in [0, num_blocks) with reference counts and an optional content-keyed cache."""
+    """Block ids with reference counts and an optional content-keyed cache."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
-        if num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    def __init__(self, num_blocks: int, enable_caching: bool = True, first_id: int = 0) -> None:
+        """Blocks first_id .. first_id + num_blocks - 1 (ids below first_id are the engine's own)."""
+        if num_blocks <= 0 or first_id < 0:
+            raise ValueError(f"need num_blocks > 0 and first_id >= 0, got {num_blocks} and {first_id}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self._refs = [0] * num_blocks
-        self._plain: deque[int] = deque(range(num_blocks))  # free, holding nothing reusable
+        self._refs = [0] * (first_id + num_blocks)
+        self._plain: deque[int] = deque(range(first_id, first_id + num_blocks))  # free, nothing reusable
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free but cached; oldest first
         self._hash_of: dict[int, BlockHash] = {}
         self._block_of: dict[BlockHash, int] = {}

@@ -18,7 +18,9 @@ import torch
 
 from services.common.errors import CapacityError, InternalError, InvalidInputError
 from services.decoder.block_pool import MediaKey
-from services.decoder.kv_cache import AttentionMetadata, PagedKVCache
+from services.decoder.compiled import MODES as CAPTURE_MODES
+from services.decoder.compiled import DecodeRunner
+from services.decoder.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache
 from services.decoder.model import DecoderForCausalLM
 from services.decoder.params import SamplingParams
 from services.decoder.sampling import TokenLogprobs, make_generator, sample
@@ -35,11 +37,18 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per step: decode tokens first, then prefill chunks
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    # pure-decode steps: "eager", "compile" (torch.compile), "cudagraph", "auto" (CUDA graphs on
+    # CUDA, torch.compile on CPU); captured per batch-size bucket at its first step (see compiled.py)
+    decode_capture: str = "eager"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"engine setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.decode_capture not in CAPTURE_MODES:
+            raise InvalidInputError(
+                f"decode_capture must be one of {', '.join(CAPTURE_MODES)}, got {self.decode_capture!r}"
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -89,9 +98,11 @@ class LLMEngine:
         self.max_model_len = min(
             self.config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
         )
+        # block PAD_BLOCK is the engine's own: padded block-table rows read it, and captured
+        # decode steps write their padding rows' latents there; sequences get the blocks after it
         self.cache = PagedKVCache(
             cfg.num_hidden_layers,
-            self.config.num_blocks,
+            self.config.num_blocks + 1,
             self.config.block_size,
             cfg.latent_dim,
             self.dtype,
@@ -103,6 +114,13 @@ class LLMEngine:
             self.config.max_num_seqs,
             self.config.max_num_batched_tokens,
             enable_prefix_caching=self.config.enable_prefix_caching,
+            first_block_id=PAD_BLOCK + 1,
+        )
+        self._decode = DecodeRunner(
+            model,
+            mode=self.config.decode_capture,
+            max_batch_size=self.config.max_num_seqs,
+            scratch_slot=PAD_BLOCK * self.config.block_size,
         )
         self._seqs: dict[int, SeqState] = {}
         self._generation_tokens = 0
@@ -255,9 +273,16 @@ class LLMEngine:
             device=self.device,
         )
         input_ids, embeds = self._inputs(batch)
-        hidden = self.model(
-            None if embeds is not None else input_ids, attn.positions, attn, self.cache, inputs_embeds=embeds
-        )
+        if attn.is_decode and embeds is None:
+            hidden = self._decode(input_ids, attn, self.cache)
+        else:
+            hidden = self.model(
+                None if embeds is not None else input_ids,
+                attn.positions,
+                attn,
+                self.cache,
+                inputs_embeds=embeds,
+            )
         rows, last, end = [], [], 0
         for i, n in enumerate(batch.query_lens):
             end += n

@@ -104,8 +104,8 @@ class MLAttention(nn.Module):
         W_uv transposed [nH, R, v], contiguous. Made once per weight version (slicing the weight
         per step made every decode step copy both, ~45% of a step at the release's sizes).
 
-        On CPU they are kept in fp32: without AVX512-BF16 a bf16 `bmm` takes a scalar fallback
-        (4-8x slower than fp32's at batch 1, 10x at batch 8), and bf16 -> fp32 is exact.
+        On CPU they are kept in fp32: without AVX512-BF16 a bf16 `bmm` takes a slow fallback
+        kernel (measured 6x fp32's time at batch 1, 20x at batch 8), and bf16 -> fp32 is exact.
         Traced code (torch.compile) cannot read `data_ptr` / `_version`: there the copies made
         before capture are used as they are (`DecodeRunner` makes them).
         """
@@ -184,6 +184,7 @@ class MLAttention(nn.Module):
         )  # [B, 1, nH, D]
         o_lat = o[:, 0, :, : self.kv_lora_rank].transpose(0, 1)  # [nH, B, R]
         return torch.bmm(o_lat.to(w_uv_t.dtype), w_uv_t).to(dtype).transpose(0, 1)  # [B, nH, v]
+
 
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float

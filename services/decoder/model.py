@@ -53,10 +53,20 @@ class DecoderModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg)  # derived tables, not state
 
     def forward(
-        self, h: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, kv_cache: PagedKVCache
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_cache: PagedKVCache,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Input embeddings h [T, H] at positions [T] -> final-normed hidden states [T, H]."""
-        rope = self.rotary(positions, h.dtype, max_len=attn.max_context_len)  # cos, sin [T, rope]
+        """Input embeddings h [T, H] at positions [T] -> final-normed hidden states [T, H].
+
+        `rope` = (cos, sin) [T, rope] of `positions` when the caller made them: a captured decode
+        step looks them up outside the graph, where the table may grow.
+        """
+        if rope is None:
+            rope = self.rotary(positions, h.dtype, max_len=attn.max_context_len)
         for layer in self.layers:
             h = layer(h, rope, attn, kv_cache)
         return self.norm(h)

@@ -71,6 +71,22 @@ class MoEGate(nn.Module):
         return F.linear(x.float(), self.weight.float())
 
 
+# The reference loops over the experts that received tokens (`.tolist()`): traced by
+# torch.compile it would be unrolled and specialised on the routing itself (a recompile per step),
+# or split the graph at every MoE layer. As a custom op it is one opaque node of a captured step.
+@torch.library.custom_op("kimi_vl::fused_experts_ref", mutates_args=())
+def fused_experts_ref_op(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """`fused_experts_ref` as an operator: x [T, H], topk_weights [T, K] fp32, topk_ids [T, K] -> [T, H]."""
+    return fused_experts_ref(x, w13, w2, topk_weights, topk_ids)
+
+
+@fused_experts_ref_op.register_fake
+def _(x: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 class FusedExperts(nn.Module):
     """E routed experts in two fused tensors; computes Σ_k w[t,k] · expert_{ids[t,k]}(x[t])."""
 
@@ -113,7 +129,7 @@ class FusedExperts(nn.Module):
 
         The weighted sum is accumulated in fp32 and cast once on both paths.
         """
-        run = fused_experts if use_kernels(x) else fused_experts_ref
+        run = fused_experts if use_kernels(x) else fused_experts_ref_op
         return run(x, self.w13, self.w2, topk_weights, topk_ids)
 
 
