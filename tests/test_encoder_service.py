@@ -1,10 +1,10 @@
-"""The vision encoder service: the shim, its batcher and chunk streams without Ray; then real Ray
-Serve + gRPC on 127.0.0.1 (Serve's proxy and the replica's own data port) against the model."""
+"""The vision encoder service: the shim, its batcher, chunk streams and its own gRPC server without
+Ray; then real Ray Serve + gRPC on 127.0.0.1 (Serve's proxy and the replica's own gRPC server)
+against the model. tests/test_encoder_grpc.py covers that server's transport and authentication."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import grpc
@@ -19,8 +19,8 @@ from services.common import tensor_codec
 from services.common.checkpoint import write_checkpoint
 from services.common.errors import InternalError, InvalidInputError, UpstreamUnavailableError
 from services.kimi_vl import load_vision_encoder
-from services.vision_encoder.data_port import DataPort, DataPortClient
-from services.vision_encoder.engine import EncodedImage, ImageToEncode
+from services.vision_encoder.client import EncoderClient
+from services.vision_encoder.engine import EncodedImage, ImageToEncode, NotCachedError
 from services.vision_encoder.server import (
     GRPC_SERVICER_FUNCTION,
     EncoderSettings,
@@ -30,7 +30,6 @@ from services.vision_encoder.server import (
 )
 from services.vision_encoder.transport import (
     ChunkAssembler,
-    EncoderClient,
     EncodeResult,
     assemble,
     chunk_messages,
@@ -46,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "vision_encoder"
 GRIDS = [(4, 6), (8, 8), (2, 2), (6, 4)]
 TOL = 1e-5
+TOKEN = "replica-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,9 @@ def reference(checkpoint):
 
 
 def settings_for(checkpoint: Path, **extra) -> EncoderSettings:
-    return EncoderSettings.from_args({"checkpoint_dir": str(checkpoint), "dtype": "float32", **extra})
+    """Settings for the shim without Ray: its own gRPC server only when a test asks for it."""
+    args = {"checkpoint_dir": str(checkpoint), "dtype": "float32", "grpc_server": {"enabled": False}}
+    return EncoderSettings.from_args({**args, **extra})
 
 
 def packed(seed: int = 0, grids=GRIDS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +90,7 @@ def test_contracts_encode_generate_chat():
     methods = {
         (pb, "Encoder", "Encode"): False,
         (pb, "Encoder", "EncodeStream"): True,
+        (pb, "Encoder", "Fetch"): True,
         (generate_pb2, "Generator", "Generate"): True,
         (chat_pb2, "Chat", "Chat"): True,
     }
@@ -112,8 +115,18 @@ def test_contracts_encode_generate_chat():
 
 
 def test_settings_from_args(checkpoint):
-    settings = settings_for(checkpoint, cache={"redis_url": "redis://127.0.0.1:1/0"}, direct={"port": 0})
+    settings = settings_for(
+        checkpoint, cache={"redis_url": "redis://127.0.0.1:1/0"}, grpc_server={"port": 0, "chunk_bytes": 4096}
+    )
     assert settings.cache.redis_url == "redis://127.0.0.1:1/0" and settings.resolved_dtype() == torch.float32
+    assert settings.grpc_server.chunk_bytes == 4096 and settings.grpc_server.host == "127.0.0.1"
+    assert settings.grpc_server.enabled and settings.grpc_server.token_env is None
+    with pytest.raises(InvalidInputError, match="unknown grpc_server setting"):
+        settings_for(checkpoint, grpc_server={"address": "x"})
+    with pytest.raises(InvalidInputError, match="not a loopback address"):
+        settings_for(checkpoint, grpc_server={"host": "node"})
+    with pytest.raises(InvalidInputError, match="unknown encoder setting"):
+        settings_for(checkpoint, direct={"host": "node"})  # the raw-TCP data port is gone
     with pytest.raises(InvalidInputError, match="unknown encoder setting"):
         settings_for(checkpoint, port=1)
     with pytest.raises(InvalidInputError, match="unknown cache setting"):
@@ -149,7 +162,7 @@ def bad_requests() -> list[tuple[pb.EncodeRequest, str]]:
 
 def test_shim_refuses_malformed_requests_then_serves(checkpoint, reference):
     async def scenario():
-        server = VisionEncoderServer(settings_for(checkpoint, direct={"enabled": False}))
+        server = VisionEncoderServer(settings_for(checkpoint))
         for request, message in bad_requests():
             context = FakeContext()
             assert await server.Encode(request, context) == pb.EncodeResponse()
@@ -266,61 +279,52 @@ def test_truncated_or_disordered_streams_are_refused():
     assert [i.embeddings.shape for i in keys_only.images] == [(6, 64), (1, 64), (300, 64)]
 
 
-class FakeEncode:
-    """The data port's encode function: sample_result, or the error it was told to raise."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_own_grpc_server_encode_and_fetch_bit_exact_vs_the_engine(checkpoint, dtype):
+    """The replica's server without Ray: what the client reads equals the engine's tensors bit for bit."""
+    pixel_values, grid_hws = packed(5)
+    hashes = ["g0", "g1", "", "g3"]
 
-    def __init__(self) -> None:
-        self.error: Exception | None = None
+    async def scenario():
+        settings = settings_for(checkpoint, dtype=dtype, grpc_server={"chunk_bytes": 1000})
+        server = VisionEncoderServer(settings)
+        endpoint = await server.grpc_endpoint()
+        assert endpoint.startswith("127.0.0.1:") and (await server.stats())["grpc_endpoint"] == endpoint
 
-    def __call__(self, request: pb.EncodeRequest) -> EncodeResult:
-        if self.error is not None:
-            raise self.error
-        return sample_result()
+        def call():
+            with EncoderClient(endpoint, timeout_s=60) as client:
+                streamed = client.encode(pixel_values, grid_hws, hashes)
+                unary = client.encode(pixel_values, grid_hws, hashes, stream=False)
+                keys = [image.cache_key for image in streamed.images if image.cache_key]
+                fetched = client.fetch(keys[::-1])
+                with pytest.raises(NotCachedError, match="not held"):
+                    client.fetch([keys[0], keys[0] + "x"])
+                with pytest.raises(NotCachedError, match="not held"):  # another model's key
+                    client.fetch([keys[0].replace(server.engine.fingerprint, "0" * 16 + "-" + dtype)])
+                with pytest.raises(InvalidInputError, match="cover"):
+                    client.encode(pixel_values[:-1], grid_hws)
+                return streamed, unary, keys, fetched
 
+        try:
+            return server, await asyncio.to_thread(call)
+        finally:
+            await server.shutdown()
 
-@pytest.fixture
-def data_port():
-    encode = FakeEncode()
-    port = DataPort(encode).start()
-    yield port, encode
-    port.stop()
-
-
-def test_data_port_round_trip_refusals_and_outage(data_port):
-    port, encode = data_port
-    request = make_request(torch.zeros(4, 3, 14, 14), torch.tensor([[2, 2]]))
-    with DataPortClient(port.endpoint, timeout_s=10) as client:
-        assert_same(client.encode_request(request), sample_result())  # bf16 and fp32, bit exact
-        keys = client.encode(torch.zeros(4, 3, 14, 14), torch.tensor([[2, 2]]), keys_only=True)
-        assert [i.cache_key for i in keys.images] == ["k0", None, "k2"]
-        assert keys.images[2].embeddings.shape == (300, 64)
-
-        encode.error = InvalidInputError("bad patches")
-        with pytest.raises(InvalidInputError, match="bad patches"):
-            client.encode_request(request)
-        encode.error = RuntimeError("secret internals")
-        with pytest.raises(InternalError, match="internal error") as info:
-            client.encode_request(request)
-        assert "secret" not in str(info.value)
-        encode.error = None
-        assert_same(client.encode_request(request), sample_result())  # the connection stayed usable
-
-        port.stop()
-        with pytest.raises(UpstreamUnavailableError):
-            client.encode_request(request)
-
-
-def test_data_port_refuses_what_is_not_a_request(data_port):
-    port, _ = data_port
-    host, _, number = port.endpoint.rpartition(":")
-    with socket.create_connection((host, int(number)), timeout=10) as sock:
-        sock.sendall(b"GET / HTTP/1")  # 12 bytes: as long as a request head
-        reply = sock.recv(4096)
-        assert reply[:4] == b"KVER" and b"not an encode request" in reply
-        assert sock.recv(16) == b""  # and hangs up
-    with socket.create_connection((host, int(number)), timeout=10) as sock:
-        sock.sendall(b"KVEQ" + (7).to_bytes(8, "little") + b"\xff" * 7)  # not a protobuf
-        assert b"malformed EncodeRequest" in sock.recv(4096)
+    server, (streamed, unary, keys, fetched) = asyncio.run(scenario())
+    held = dict(zip(keys, server.engine.cache.get_many(keys), strict=True))
+    assert [image.cache_key is not None for image in streamed.images] == [True, True, False, True]
+    assert [image.cache_hit for image in unary.images] == [True, True, False, True]
+    for a, b in zip(unary.images, streamed.images, strict=True):  # the unhashed image: recomputed
+        assert a.cache_key == b.cache_key and (a.embeddings - b.embeddings).abs().max().item() <= TOL
+        assert not a.cache_hit or torch.equal(a.embeddings, b.embeddings)
+    for image in streamed.images:
+        if image.cache_key:
+            assert image.embeddings.dtype == getattr(torch, dtype)
+            assert torch.equal(image.embeddings, held[image.cache_key])
+    for tensor, key in zip(fetched, keys[::-1], strict=True):
+        assert torch.equal(tensor, held[key])
+    counters = server.engine.counters
+    assert counters.fetched == 3 and counters.fetch_misses == 2
 
 
 def test_serve_config_is_valid_and_builds(checkpoint):
@@ -337,6 +341,8 @@ def test_serve_config_is_valid_and_builds(checkpoint):
     assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
     args = {**app.args, "checkpoint_dir": str(checkpoint), "device": "cpu", "dtype": "float32"}
     assert type(build_app(args)).__name__ == "Application"  # the YAML's settings parse
+    own = EncoderSettings.from_args(args).grpc_server  # off loopback, so authenticated: by env only
+    assert own.host == "node" and own.token_env and own.token is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +362,7 @@ def encoder_app(serve_instance, checkpoint):
             "chunk_bytes": 1024,  # several chunks per image even at this size
             "num_cpus": 0.5,
             "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-            "direct": {"host": "127.0.0.1"},
+            "grpc_server": {"host": "127.0.0.1", "chunk_bytes": 1000, "token": TOKEN},
         }
     )
     handle = serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}")
@@ -387,27 +393,43 @@ def test_serve_proxy_encode_and_stream_match_the_model(encoder_app, reference):
     with EncoderClient(instance.grpc_target, metadata=metadata) as client:  # the fast stream reader
         assert_same(client.encode_request(request), streamed)
         assert_same(client.encode_request(request, stream=False), streamed)
+        keys = [i.cache_key for i in streamed.images if i.cache_key]
+        fetched = client.fetch(keys)
+        assert all(torch.equal(a, b.embeddings) for a, b in zip(fetched, streamed.images[:2], strict=False))
+        with pytest.raises(NotCachedError, match="not held"):
+            client.fetch(["kimi-vl:emb:v1:nope"])
 
 
 @pytest.mark.ray
-def test_direct_port_from_the_deployment_matches_the_model(encoder_app, reference):
+def test_replica_grpc_server_from_the_deployment_matches_the_model(encoder_app, reference):
     _, handle = encoder_app
-    endpoint = handle.direct_endpoint.remote().result(timeout_s=30)
+    endpoint = handle.grpc_endpoint.remote().result(timeout_s=30)
     assert endpoint.startswith("127.0.0.1:")
     pixel_values, grid_hws = packed(11)
-    with DataPortClient(endpoint) as client:
-        result = client.encode(pixel_values, grid_hws, ["d0", "d1", "d2", "d3"])
+    hashes = ["d0", "d1", "d2", "d3"]
+    with EncoderClient(endpoint, token=TOKEN) as client:
+        result = client.encode(pixel_values, grid_hws, hashes)
         assert_matches_model(result, reference, pixel_values, grid_hws)
-        again = client.encode(pixel_values, grid_hws, ["d0", "d1", "d2", "d3"])
+        again = client.encode(pixel_values, grid_hws, hashes)
         assert [i.cache_hit for i in again.images] == [True] * 4
-        assert_matches_model(again, reference, pixel_values, grid_hws)
-        keys = client.encode(pixel_values, grid_hws, ["d0", "d1", "d2", "d3"], keys_only=True)
-        assert [i.cache_key for i in keys.images] == [i.cache_key for i in result.images]
+        hits = [EncodedImage(i.embeddings, True, i.cache_key) for i in result.images]
+        assert_same(again, EncodeResult(hits, result.model_fingerprint))  # the cached bits, unchanged
+        keys = [i.cache_key for i in result.images]
+        keys_only = client.encode(pixel_values, grid_hws, hashes, keys_only=True)
+        assert [i.cache_key for i in keys_only.images] == keys
+        for tensor, image in zip(client.fetch(keys[::-1]), result.images[::-1], strict=True):
+            assert torch.equal(tensor, image.embeddings)  # bit-exact: what the engine computed
+        with pytest.raises(NotCachedError, match="not held"):
+            client.fetch([keys[0], keys[0] + "-unknown"])
         with pytest.raises(InvalidInputError, match="cover"):
             client.encode(pixel_values[:-1], grid_hws)
-        assert client.encode(pixel_values, grid_hws).images[0].num_tokens == 6  # still serving
+        assert_same(client.encode(pixel_values, grid_hws, hashes, stream=False), again)
+    with EncoderClient(endpoint) as client, pytest.raises(UpstreamUnavailableError) as info:
+        client.fetch(keys)
+    assert info.value.__cause__.code() == grpc.StatusCode.UNAUTHENTICATED
     stats = handle.stats.remote().result(timeout_s=30)
-    assert stats["engine"]["cache_hits"] >= 8 and stats["direct_endpoint"] == endpoint
+    assert stats["engine"]["cache_hits"] >= 8 and stats["grpc_endpoint"] == endpoint
+    assert stats["engine"]["fetched"] >= 4
 
 
 @pytest.mark.ray

@@ -16,6 +16,9 @@ is part of the fingerprint, so replicas in different dtypes never read each othe
 A cache that misbehaves (raises, returns a tensor of the wrong shape or dtype) costs a recompute,
 never a wrong answer or a failed request; `EncoderCounters` count it.
 
+`EncoderEngine.fetch` reads embeddings the cache already holds by key (no forward pass), for a
+consumer that was handed keys; a key it does not hold is a `NotCachedError`.
+
 Pure and synchronous (callers on an event loop run it in a thread; calls are serialised by a lock).
 Knows nothing about Ray, gRPC, Redis, media files or the decoder.
 """
@@ -40,6 +43,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_PATCHES = 16384  # four 4096-patch images (the release's in_token_limit) per pass
 _PIXEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DIGEST_DOMAIN = b"kimi-vl/encoder/patches/v1"
+
+
+class NotCachedError(InvalidInputError):
+    """Embeddings asked for by key that this encoder's cache does not hold (or a key not its own)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,8 @@ class EncoderCounters:
     forward_passes: int = 0
     images_encoded: int = 0
     patches_encoded: int = 0
+    fetched: int = 0  # embeddings handed out by key (fetch)
+    fetch_misses: int = 0  # keys asked for by fetch and not held (the whole fetch failed)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -170,6 +179,7 @@ class EncoderEngine:
         self.merge_kernel = tuple(vision.merge_kernel_size)
         self.counters = EncoderCounters()
         self._lock = threading.Lock()
+        self._fetch_lock = threading.Lock()  # fetch never waits for a forward pass
 
     # --- checks ----------------------------------------------------------------------------
 
@@ -225,6 +235,42 @@ class EncoderEngine:
 
             self._store([(keys[i], fresh[i]) for i in todo if keys[i] is not None])
         return results  # type: ignore[return-value]
+
+    def fetch(self, keys: Sequence[str]) -> list[EncodedImage]:
+        """The cached embeddings [tokens, H] of each key, in order; no forward pass.
+
+        All or nothing: NotCachedError names the keys not held (a key of another model or dtype is
+        never held). Thread-safe and independent of `encode`'s lock.
+        """
+        if not keys:
+            raise InvalidInputError("no cache keys to fetch")
+        prefix = cache_key(self.fingerprint, "")
+        foreign = [key for key in keys if not key.startswith(prefix) or len(key) == len(prefix)]
+        found: list[torch.Tensor | None] = []
+        if not foreign:
+            try:
+                found = self.cache.get_many(list(keys))
+            except Exception:  # the protocol says it never raises; a broken cache holds nothing
+                logger.warning("embedding cache get_many failed during fetch", exc_info=True)
+                found = [None] * len(keys)
+        missing = foreign or [
+            key for key, tensor in zip(keys, found, strict=True) if not self._valid_entry(tensor)
+        ]
+        with self._fetch_lock:
+            self.counters.fetch_misses += len(missing)
+            self.counters.fetched += 0 if missing else len(keys)
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise NotCachedError(f"embeddings not held by this encoder: {shown}")
+        return [EncodedImage(tensor, True, key) for key, tensor in zip(keys, found, strict=True)]  # type: ignore[arg-type]
+
+    def _valid_entry(self, tensor: object) -> bool:
+        return (
+            isinstance(tensor, torch.Tensor)
+            and tensor.dtype == self.dtype
+            and tensor.dim() == 2
+            and int(tensor.shape[1]) == self.hidden_size
+        )
 
     def _lookup(self, keys: Sequence[str | None], images: Sequence[ImageToEncode]) -> dict[str, torch.Tensor]:
         """Valid cached tensors by key, from one get_many of the distinct keys."""

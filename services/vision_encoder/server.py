@@ -1,29 +1,28 @@
-"""Ray Serve shim of the vision encoder: gRPC `kimi_vl.v1.Encoder` (Encode, EncodeStream) + a data port.
+"""Ray Serve shim of the vision encoder: `kimi_vl.v1.Encoder` (Encode, EncodeStream, Fetch) over gRPC.
 
 `VisionEncoderServer` translates `EncodeRequest` protos (packed patches, grids, content hashes)
 into `ImageToEncode`s and hands them to `EncoderEngine` (MoonViT + projector behind the embedding
 cache: an in-process LRU, or Redis when `cache.redis_url` is set). Concurrent requests are merged
 by `EncodeBatcher` into one engine call, which packs every cache miss of the batch into passes of
 at most `max_batch_patches` patches; the call runs in a worker thread, so the replica's event loop
-keeps accepting requests meanwhile. Project errors become gRPC status codes through
-`services.common.errors.status_for` (a malformed tensor: INVALID_ARGUMENT with the reason).
+keeps accepting requests meanwhile. `Fetch` streams embeddings the cache already holds, by key.
+Project errors become gRPC status codes through `services.common.errors.status_for` (a malformed
+tensor: INVALID_ARGUMENT with the reason).
 
-How embeddings leave the replica: a 64-frame video at 256 tokens per frame is 64 MiB of bf16
-embeddings, far above gRPC's 4 MB default message size.
+How embeddings leave the replica (a 64-frame video at 256 tokens per frame is 64 MiB of bf16
+embeddings, far above gRPC's 4 MB default message size), the same service both ways:
+- the replica's own grpc.aio server (`grpc_server.EncoderGrpcServer`, settings `grpc_server`):
+  for the decoder and other services in the cluster. Callers get its address from the deployment
+  (`handle.grpc_endpoint.remote()`) and read with `client.EncoderClient`, chunks written from
+  the tensors' memory and read straight into preallocated tensors: several times Serve's proxy
+  and Ray's handles, though short of a raw socket (grpcio's own copies: BENCHMARKS.md). It binds
+  127.0.0.1 unless configured otherwise, and any other address needs a shared token or mTLS.
+  Requests still go through the replica's batch queue: this server changes the bytes' path, not
+  the batching.
 - Serve's gRPC proxy (external clients, metadata `("application", name)`): `Encode` answers in one
-  message (Serve's proxy allows 2 GB; clients raise `grpc.max_receive_message_length`) and
-  `EncodeStream` in 1 MiB `EmbeddingChunk`s (no limit to raise). Every byte also crosses Ray from
-  replica to proxy, so this path is for compatibility, not speed.
-- The data port (the decoder and other services inside the cluster): each replica listens on a
-  TCP port of its own (`services.vision_encoder.data_port.DataPort`); callers get the address
-  from the deployment (`handle.direct_endpoint.remote()`) and read with `DataPortClient`: a
-  protobuf header, then each image's raw bytes from the tensor's memory straight into the
-  caller's new tensor. Why: measured in benchmarks/bench_transport.py against a raw loopback
-  socket (baseline, same run), it keeps 0.5-1.0x of the socket's throughput for 4-64 MB, where
-  a grpcio server in the replica streaming 1 MiB chunks kept 0.25-0.6x at 4-16 MB and deployment
-  handles 0.1-0.3x (pickles through the object store by default; a 4 MB-capped msgpack message
-  with their gRPC transport). Requests still go through the replica's batch queue, so the data
-  port changes the bytes' path, not the batching.
+  message (Serve's proxy allows 2 GB; clients raise `grpc.max_receive_message_length`), the
+  streams in `chunk_bytes` pieces. Every byte also crosses Ray from replica to proxy, so this
+  path is for compatibility, not speed.
 
 `build_app(args)` returns the application, so a Serve config can name it
 (`import_path: services.vision_encoder.server:build_app`, see cluster/vision_encoder.yaml).
@@ -33,11 +32,11 @@ Serve's gRPC proxy must list `GRPC_SERVICER_FUNCTION` among its `grpc_servicer_f
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,11 +46,11 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from protos.kimi_vl.v1 import encode_pb2 as pb
 from services.common import tensor_codec
-from services.common.devices import DTYPES, resolve_device, resolve_dtype
-from services.common.errors import CapacityError, InvalidInputError
+from services.common.devices import resolve_device, resolve_dtype
+from services.common.errors import InvalidInputError
 from services.common.grpc_status import set_error_status
+from services.common.settings import check_dtype_name, known_fields
 from services.vision_encoder.batching import EncodeBatcher
-from services.vision_encoder.data_port import DataPort
 from services.vision_encoder.engine import (
     DEFAULT_MAX_BATCH_PATCHES,
     EncodedImage,
@@ -61,6 +60,7 @@ from services.vision_encoder.engine import (
     patch_digest,
     split_packed,
 )
+from services.vision_encoder.grpc_server import EncoderGrpcServer, GrpcServerSettings
 from services.vision_encoder.redis_cache import (
     DEFAULT_CHUNK_BYTES as DEFAULT_REDIS_CHUNK_BYTES,
 )
@@ -82,7 +82,6 @@ GRPC_SERVICER_FUNCTION = "protos.kimi_vl.v1.encode_pb2_grpc.add_EncoderServicer_
 DEPLOYMENT_NAME = "VisionEncoderServer"
 DEFAULT_NUM_CPUS = 1.0
 DEFAULT_MAX_ONGOING_REQUESTS = 16
-DIRECT_TIMEOUT_S = 600.0  # a data-port request waiting on the batch queue and the model
 DEFAULT_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4}
 _HASH = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _PIXEL_DTYPES = {"float32", "float16", "bfloat16"}
@@ -102,16 +101,6 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
-class DirectSettings:
-    """The replica's own data port. host "node": bind and advertise this node's IP address."""
-
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: any free port (each replica has its own)
-    max_connections: int = 64
-
-
-@dataclass(frozen=True)
 class EncoderSettings:
     """Everything a replica needs; built on the driver and shipped to every replica."""
 
@@ -122,24 +111,21 @@ class EncoderSettings:
     max_batch_size: int = 8  # concurrent requests merged into one engine call
     batch_wait_timeout_s: float = 0.005
     max_request_patches: int = 262_144  # 64 frames of 4096 patches
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # EncodeStream piece size
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # stream piece size through Serve's proxy
     trust_content_hashes: bool = True  # False: keys come from the patches themselves (see below)
     cache: CacheSettings = field(default_factory=CacheSettings)
-    direct: DirectSettings = field(default_factory=DirectSettings)
+    grpc_server: GrpcServerSettings = field(default_factory=GrpcServerSettings)  # the replica's own
 
     @classmethod
-    def from_args(cls, args: dict[str, Any]) -> EncoderSettings:
-        values = _known(cls, args, "encoder setting")
+    def from_args(cls, args: Mapping[str, Any]) -> EncoderSettings:
+        values = known_fields(cls, args, "encoder setting")
         if "checkpoint_dir" not in values:
             raise InvalidInputError("encoder settings need checkpoint_dir")
-        values["cache"] = CacheSettings(**_known(CacheSettings, values.get("cache") or {}, "cache setting"))
-        values["direct"] = DirectSettings(
-            **_known(DirectSettings, values.get("direct") or {}, "direct setting")
+        values["cache"] = CacheSettings(**known_fields(CacheSettings, values.get("cache"), "cache setting"))
+        values["grpc_server"] = GrpcServerSettings(
+            **known_fields(GrpcServerSettings, values.get("grpc_server"), "grpc_server setting")
         )
-        if values.get("dtype", "auto") not in ("auto", *DTYPES):
-            raise InvalidInputError(
-                f"dtype must be auto or one of {', '.join(DTYPES)}, got {values['dtype']}"
-            )
+        check_dtype_name(values.get("dtype", "auto"))
         return cls(**values)
 
     def resolved_device(self) -> str:
@@ -147,14 +133,6 @@ class EncoderSettings:
 
     def resolved_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype, self.resolved_device())
-
-
-def _known(cls: type, raw: dict[str, Any], what: str) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise InvalidInputError(f"unknown {what}(s): {', '.join(unknown)}")
-    return dict(raw)
 
 
 def build_engine(settings: EncoderSettings) -> EncoderEngine:
@@ -226,7 +204,8 @@ def images_from_request(request: pb.EncodeRequest, settings: EncoderSettings) ->
 class VisionEncoderServer:
     """gRPC servicer of `kimi_vl.v1.Encoder` plus handle methods; a plain class (tests use it without Ray).
 
-    Built inside a running event loop (as Serve builds replicas), it also starts the data port.
+    Built inside a running event loop (as Serve builds replicas), it also starts the replica's own
+    gRPC server on that loop (`grpc_server.enabled`); a misconfigured one fails the construction.
     """
 
     def __init__(self, settings: EncoderSettings, engine: EncoderEngine | None = None) -> None:
@@ -238,23 +217,15 @@ class VisionEncoderServer:
             max_batch_patches=settings.max_batch_patches,
             batch_wait_timeout_s=settings.batch_wait_timeout_s,
         )
+        self.grpc_server: EncoderGrpcServer | None = None
+        self._grpc_started: asyncio.Task[None] | None = None
         try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._loop = None
-        self.direct: DataPort | None = None
-        if settings.direct.enabled and self._loop is not None:
-            self.direct = self._start_direct(settings.direct)
-
-    def _start_direct(self, direct: DirectSettings) -> DataPort:
-        host = direct.host
-        if host == "node":
-            import ray
-
-            host = ray.util.get_node_ip_address()
-        return DataPort(
-            self._encode_blocking, host=host, port=direct.port, max_connections=direct.max_connections
-        ).start()
+            return  # no loop to serve on: Serve's proxy and handles only
+        if settings.grpc_server.enabled:
+            self.grpc_server = EncoderGrpcServer(self, settings.grpc_server, node_ip=_node_ip)
+            self._grpc_started = loop.create_task(self.grpc_server.start())
 
     # --- the work, for every entry point ---------------------------------------------------
 
@@ -267,15 +238,10 @@ class VisionEncoderServer:
         images = images_from_request(request, self.settings)
         return EncodeResult(await self.encode_images(images), self.engine.fingerprint)
 
-    def _encode_blocking(self, request: pb.EncodeRequest) -> EncodeResult:
-        """For the data port's threads: the same batch queue, on the replica's loop."""
-        assert self._loop is not None  # the data port only starts with a loop
-        future = asyncio.run_coroutine_threadsafe(self.encode_request(request), self._loop)
-        try:
-            return future.result(timeout=DIRECT_TIMEOUT_S)
-        except concurrent.futures.TimeoutError as e:
-            future.cancel()
-            raise CapacityError(f"the encoder did not answer within {DIRECT_TIMEOUT_S:.0f} s") from e
+    async def fetch(self, cache_keys: Sequence[str]) -> EncodeResult:
+        """Embeddings the cache holds under these keys (NotCachedError if any is not held)."""
+        images = await asyncio.to_thread(self.engine.fetch, list(cache_keys))  # Redis: I/O
+        return EncodeResult(images, self.engine.fingerprint)
 
     # --- gRPC through Serve's proxy ----------------------------------------------------------
 
@@ -302,26 +268,60 @@ class VisionEncoderServer:
         for chunk in chunk_messages(result, self.settings.chunk_bytes, keys_only=request.keys_only):
             yield chunk
 
+    async def Fetch(  # noqa: N802
+        self, request: pb.FetchRequest, grpc_context: RayServegRPCContext | None = None
+    ) -> AsyncIterator[pb.EmbeddingChunk]:
+        try:
+            result = await self.fetch(request.cache_keys)
+        except Exception as e:
+            self._refuse(e, grpc_context)
+            raise  # as in EncodeStream
+        for chunk in chunk_messages(result, self.settings.chunk_bytes):
+            yield chunk
+
     def _refuse(self, error: Exception, grpc_context: RayServegRPCContext | None) -> None:
         set_error_status(error, grpc_context, logger, "encode")
 
     # --- handle methods --------------------------------------------------------------------
 
-    async def direct_endpoint(self) -> str | None:
-        """host:port of this replica's data port (None when disabled)."""
-        return self.direct.endpoint if self.direct is not None else None
+    async def grpc_endpoint(self) -> str | None:
+        """host:port of this replica's own gRPC server, once it serves (None when disabled)."""
+        if self.grpc_server is None or self._grpc_started is None:
+            return None
+        await asyncio.shield(self._grpc_started)
+        return self.grpc_server.endpoint
 
     async def stats(self) -> dict[str, Any]:
         batching = {"batches": self.batcher.batches, "requests": self.batcher.batched_requests}
-        return {**self.engine.stats(), "batching": batching, "direct_endpoint": await self.direct_endpoint()}
+        endpoint = self.grpc_server.endpoint if self.grpc_server is not None else None
+        return {**self.engine.stats(), "batching": batching, "grpc_endpoint": endpoint}
 
     async def check_health(self) -> None:
-        """Serve's health probe: the engine exists (no work to check)."""
+        """Serve's health probe: the replica's gRPC server started (if it has one)."""
+        if self._grpc_started is not None and self._grpc_started.done():
+            self._grpc_started.result()  # raises what made the start fail
+
+    async def shutdown(self, grace_s: float | None = 5.0) -> None:
+        """Stop the replica's gRPC server (in-flight calls get `grace_s` to finish)."""
+        server, self.grpc_server = self.grpc_server, None
+        if server is not None:
+            await server.stop(grace_s)
 
     def __del__(self) -> None:
-        direct = getattr(self, "direct", None)
-        if direct is not None:
-            direct.stop()
+        """Serve calls this on the replica's loop as the replica stops: stop the gRPC server too.
+
+        Synchronous, so an instance collected outside Serve leaves no un-awaited coroutine.
+        """
+        server = getattr(self, "grpc_server", None)
+        if server is not None:
+            with contextlib.suppress(RuntimeError):  # no running loop: grpc.aio cleans up itself
+                asyncio.get_running_loop().create_task(server.stop(None))
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 EncoderDeployment = serve.deployment(
@@ -335,8 +335,8 @@ EncoderDeployment = serve.deployment(
 def build_app(args: dict[str, Any]) -> Application:
     """The vision encoder application.
 
-    args: EncoderSettings fields (`checkpoint_dir` required; `cache` and `direct` as dicts of
-    CacheSettings / DirectSettings fields) and deployment options `num_cpus`, `num_gpus` ("auto":
+    args: EncoderSettings fields (`checkpoint_dir` required; `cache` and `grpc_server` as dicts of
+    CacheSettings / GrpcServerSettings fields) and deployment options `num_cpus`, `num_gpus` ("auto":
     1 when the settings ask for CUDA or, with device auto, when this machine has CUDA),
     `autoscaling_config`, `max_ongoing_requests`. A Serve config's `deployments:` entry overrides
     the deployment options.

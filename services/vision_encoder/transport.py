@@ -1,70 +1,50 @@
-"""Moving embeddings out of the encoder: EmbeddingChunk streams, and each replica's own data port.
+"""Moving embeddings out of the encoder as `kimi_vl.v1.Encoder` gRPC: chunk streams and the client.
 
-Two ways out, for two kinds of callers:
+Both ways out speak the same contract (Encode, EncodeStream, Fetch):
+- each replica's own grpc.aio server (`grpc_server.EncoderGrpcServer`): for the decoder and other
+  services in the cluster; address from the deployment (`handle.grpc_endpoint.remote()`);
+- Ray Serve's gRPC proxy: for clients outside the cluster (metadata `("application", name)`).
 
-- gRPC (`kimi_vl.v1.Encoder`, through Ray Serve's gRPC proxy): for clients outside the cluster.
-  `EncodeStream` sends `EmbeddingChunk`s (`chunk_messages`); `EncoderClient` reads them into one
-  tensor per image, splitting each raw message at its `data` field (field 1, so it comes first
-  in protobuf's encoding) to skip protobuf's copy of the payload (`split_frame`).
-- The data port (`data_port.DataPort`, `data_port.DataPortClient`): for the decoder and other services in the
-  cluster. Each replica listens on a TCP port of its own (address from the deployment:
-  `VisionEncoderServer.direct_endpoint`); a request is a serialised EncodeRequest, the answer a
-  protobuf header (dtype, shape, hit flag, key per image) followed by every image's raw bytes,
-  written by `sendall` straight from the tensor's memory and read by `recv_into` straight into
-  the new tensor: no copy in Python on either side.
+The stream is `EmbeddingChunk`s: per image, a first chunk with `info`, then consecutive slices of
+its row-major bytes. `data` is field 1, so a serialised chunk begins with it, and neither side
+lets protobuf copy the payload:
+- the replica's server writes each chunk by hand (`frame_bytes`): the tag, the length, the bytes
+  read straight from the tensor's memory, then the other fields (one copy, into gRPC's message);
+- the client (`client.EncoderClient`) splits each raw message at its data (`split_frame`) and
+  copies that view straight into a tensor preallocated from `info` (`ChunkAssembler`).
+Serve's proxy serialises messages itself, so the replica hands it protobuf chunks there
+(`chunk_messages`). Why gRPC and how fast: benchmarks/bench_transport.py, BENCHMARKS.md.
 
-Why the data port, measured by benchmarks/bench_transport.py on loopback between a Serve replica
-and a Ray driver (2-core VM; medians; the socket baseline measured in the same run): the data
-port keeps 0.5-1.0x of a raw socket's throughput for 4-64 MB. A grpcio server in the replica
-streaming 1 MiB raw-bytes chunks (this module's first design) reached only 0.25-0.6x at 4-16 MB
-(0.8-2.0 GB/s against 3-3.3): every byte takes up to four more copies in Python and gRPC (message
-assembly and grpc's own buffer on each side) and every message costs a wake-up across gRPC's
-threads. Deployment handles do worse still (0.1-0.3x): the default pickles through the object
-store; the handles' gRPC transport sends one msgpack message, capped at
-RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH (4 MB by default). Serve's gRPC proxy also copies
-every byte through Ray between replica and proxy, so it is the compatibility path, not the fast
-one.
-
-The data port has no authentication: bind it to the cluster's private network ("node": this
-node's address), never a public one. Knows nothing about Ray; the engine types are plain
-dataclasses.
+Knows nothing about Ray; the engine types are plain dataclasses.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 import torch
 
 from protos.kimi_vl.v1 import encode_pb2 as pb
 from services.common import tensor_codec
-from services.common.errors import (
-    STATUS_BY_ERROR,
-    InternalError,
-    InvalidInputError,
-    KimiVLError,
-    UpstreamUnavailableError,
-)
+from services.common.errors import InternalError, InvalidInputError
 from services.vision_encoder.engine import EncodedImage
-
-logger = logging.getLogger(__name__)
 
 SERVICE = "kimi_vl.v1.Encoder"
 DEFAULT_CHUNK_BYTES = 1 << 20
 _DATA_TAG = b"\x0a"  # field 1, wire type 2 (length-delimited)
 _TORCH_BY_NAME = {name: torch_dtype for name, (_, torch_dtype) in tensor_codec.DTYPES.items()}
 _NAME_BY_TORCH = {torch_dtype: name for name, torch_dtype in _TORCH_BY_NAME.items()}
-ERROR_BY_CODE = {getattr(grpc.StatusCode, code): cls for cls, (_, code) in STATUS_BY_ERROR.items()}
-# large flow-control windows keep a multi-MB stream from stalling on window updates
+# no message-size caps (Encode answers in one message); large flow-control windows keep a
+# multi-MB stream from stalling on window updates
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
     ("grpc.http2.lookahead_bytes", 16 << 20),
 ]
+
+Frame = tuple[pb.EmbeddingChunk, memoryview]  # a chunk's other fields, and its data
 
 
 @dataclass(frozen=True)
@@ -76,7 +56,7 @@ class EncodeResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tensors as bytes
+# Tensors as bytes, results as chunk streams
 # ---------------------------------------------------------------------------------------------
 
 
@@ -98,18 +78,26 @@ def image_info(image: EncodedImage) -> pb.EncodedImageInfo:
     )
 
 
-def _pieces(
-    result: EncodeResult, chunk_bytes: int, keys_only: bool
-) -> Iterator[tuple[pb.EmbeddingChunk, memoryview]]:
-    """(chunk without data, its data) in stream order; every image has at least its first chunk."""
+def chunk_frames(
+    result: EncodeResult, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, keys_only: bool = False
+) -> Iterator[Frame]:
+    """The stream in order as (chunk without data, its data); every image has at least its first
+    chunk. Checks every image's info now (before a caller starts streaming), then yields lazily."""
     if chunk_bytes < 1:
         raise InvalidInputError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    for item, image in enumerate(result.images):
+    infos = [image_info(image) for image in result.images]
+    return _frames(result, infos, chunk_bytes, keys_only)
+
+
+def _frames(
+    result: EncodeResult, infos: list[pb.EncodedImageInfo], chunk_bytes: int, keys_only: bool
+) -> Iterator[Frame]:
+    for item, (image, info) in enumerate(zip(result.images, infos, strict=True)):
         data = memoryview(b"") if keys_only else tensor_bytes(image.embeddings)
         for offset in range(0, max(len(data), 1), chunk_bytes):
             head = pb.EmbeddingChunk(item=item, offset=offset)
             if offset == 0:
-                head.info.CopyFrom(image_info(image))
+                head.info.CopyFrom(info)
                 if item == 0:
                     head.model_fingerprint = result.model_fingerprint
             yield head, data[offset : offset + chunk_bytes]
@@ -118,14 +106,35 @@ def _pieces(
 def chunk_messages(
     result: EncodeResult, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, keys_only: bool = False
 ) -> Iterator[pb.EmbeddingChunk]:
-    """The stream as protobuf messages (Serve's gRPC proxy serialises them itself)."""
-    for head, data in _pieces(result, chunk_bytes, keys_only):
+    """The stream as protobuf messages (for Serve's gRPC proxy, which serialises them itself)."""
+    for head, data in chunk_frames(result, chunk_bytes, keys_only=keys_only):
         if data:
             head.data = data.tobytes()
         yield head
 
 
-def split_frame(raw: bytes) -> tuple[pb.EmbeddingChunk, memoryview]:
+def frame_bytes(frame: Frame) -> bytes:
+    """A chunk's wire bytes with its data copied once, straight from the tensor's memory.
+
+    Equal to protobuf's own serialisation (which writes fields in number order, data first).
+    """
+    head, data = frame
+    rest = head.SerializeToString()
+    if not data:
+        return rest
+    return b"".join((_DATA_TAG, _varint(len(data)), data, rest))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def split_frame(raw: bytes) -> Frame:
     """(the chunk's other fields, a view of its data) without copying the data."""
     view = memoryview(raw)
     if raw[:1] == _DATA_TAG:
@@ -153,7 +162,8 @@ def split_frame(raw: bytes) -> tuple[pb.EmbeddingChunk, memoryview]:
 class ChunkAssembler:
     """Builds an EncodeResult from EmbeddingChunks, checking order, bounds and completeness.
 
-    A stream that breaks the layout is the sender's fault: InternalError, never a partial result.
+    Each image's tensor is allocated from its `info` and every chunk's data copied straight into
+    it. A stream that breaks the layout is the sender's fault: InternalError, never a partial result.
     """
 
     def __init__(self, *, keys_only: bool = False) -> None:
@@ -211,6 +221,11 @@ def assemble(chunks: Iterable[pb.EmbeddingChunk], *, keys_only: bool = False) ->
     return assembler.result()
 
 
+# ---------------------------------------------------------------------------------------------
+# The unary form and requests
+# ---------------------------------------------------------------------------------------------
+
+
 def response_from_result(result: EncodeResult, *, keys_only: bool = False) -> pb.EncodeResponse:
     """The unary form: every image's embeddings in one message."""
     images = []
@@ -236,76 +251,6 @@ def result_from_response(response: pb.EncodeResponse) -> EncodeResult:
     return EncodeResult(images, response.model_fingerprint)
 
 
-def _identity(data: bytes) -> bytes:
-    return data
-
-
-def bracket_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-# ---------------------------------------------------------------------------------------------
-# The client
-# ---------------------------------------------------------------------------------------------
-
-
-class EncoderClient:
-    """Calls a `kimi_vl.v1.Encoder` gRPC server (Serve's proxy: pass the application `metadata`)."""
-
-    def __init__(
-        self, target: str, *, metadata: Sequence[tuple[str, str]] = (), timeout_s: float | None = 600.0
-    ) -> None:
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._metadata = tuple(metadata)
-        self._timeout_s = timeout_s
-        self._stream = self._channel.unary_stream(
-            f"/{SERVICE}/EncodeStream",
-            request_serializer=pb.EncodeRequest.SerializeToString,
-            response_deserializer=_identity,  # split_frame parses without copying the data
-        )
-        self._unary = self._channel.unary_unary(
-            f"/{SERVICE}/Encode",
-            request_serializer=pb.EncodeRequest.SerializeToString,
-            response_deserializer=pb.EncodeResponse.FromString,
-        )
-
-    def encode(
-        self,
-        pixel_values: torch.Tensor,
-        grid_hws: torch.Tensor,
-        content_hashes: Sequence[str | None] = (),
-        *,
-        keys_only: bool = False,
-        stream: bool = True,
-    ) -> EncodeResult:
-        """Embeddings of packed patches [P, 3, 14, 14] with grids [N, 2] (and optional hashes)."""
-        return self.encode_request(
-            make_request(pixel_values, grid_hws, content_hashes, keys_only), stream=stream
-        )
-
-    def encode_request(self, request: pb.EncodeRequest, *, stream: bool = True) -> EncodeResult:
-        try:
-            if not stream:
-                return result_from_response(
-                    self._unary(request, metadata=self._metadata, timeout=self._timeout_s)
-                )
-            assembler = ChunkAssembler(keys_only=request.keys_only)
-            for raw in self._stream(request, metadata=self._metadata, timeout=self._timeout_s):
-                assembler.add(*split_frame(raw))
-            return assembler.result()
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from e
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> EncoderClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def make_request(
     pixel_values: torch.Tensor,
     grid_hws: torch.Tensor,
@@ -320,9 +265,5 @@ def make_request(
     )
 
 
-def error_from_rpc(error: grpc.RpcError) -> KimiVLError:
-    """The project error for a failed call (UNAVAILABLE, DEADLINE_EXCEEDED: upstream unavailable)."""
-    code = error.code() if hasattr(error, "code") else None
-    cls = ERROR_BY_CODE.get(code, UpstreamUnavailableError)
-    details = error.details() if hasattr(error, "details") else str(error)
-    return cls(f"encoder: {details}" if cls is UpstreamUnavailableError else details)
+def bracket_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.kimi_vl.v1 import tensor_pb2 as protos_dot_kimi__vl_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/kimi_vl/v1/encode.proto\x12\nkimi_vl.v1\x1a\x1eprotos/kimi_vl/v1/tensor.proto\"\x8a\x01\n\rEncodeRequest\x12(\n\x0cpixel_values\x18\x01 \x01(\x0b\x32\x12.kimi_vl.v1.Tensor\x12$\n\x08grid_hws\x18\x02 \x01(\x0b\x32\x12.kimi_vl.v1.Tensor\x12\x16\n\x0e\x63ontent_hashes\x18\x03 \x03(\t\x12\x11\n\tkeys_only\x18\x04 \x01(\x08\"V\n\x10\x45ncodedImageInfo\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x11\n\tcache_key\x18\x04 \x01(\t\"b\n\x0c\x45ncodedImage\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1c.kimi_vl.v1.EncodedImageInfo\x12&\n\nembeddings\x18\x02 \x01(\x0b\x32\x12.kimi_vl.v1.Tensor\"U\n\x0e\x45ncodeResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.kimi_vl.v1.EncodedImage\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\"\x83\x01\n\x0e\x45mbeddingChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04item\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12*\n\x04info\x18\x04 \x01(\x0b\x32\x1c.kimi_vl.v1.EncodedImageInfo\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t2\x93\x01\n\x07\x45ncoder\x12?\n\x06\x45ncode\x12\x19.kimi_vl.v1.EncodeRequest\x1a\x1a.kimi_vl.v1.EncodeResponse\x12G\n\x0c\x45ncodeStream\x12\x19.kimi_vl.v1.EncodeRequest\x1a\x1a.kimi_vl.v1.EmbeddingChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/kimi_vl/v1/encode.proto\x12\nkimi_vl.v1\x1a\x1eprotos/kimi_vl/v1/tensor.proto\"\x8a\x01\n\rEncodeRequest\x12(\n\x0cpixel_values\x18\x01 \x01(\x0b\x32\x12.kimi_vl.v1.Tensor\x12$\n\x08grid_hws\x18\x02 \x01(\x0b\x32\x12.kimi_vl.v1.Tensor\x12\x16\n\x0e\x63ontent_hashes\x18\x03 \x03(\t\x12\x11\n\tkeys_only\x18\x04 \x01(\x08\"V\n\x10\x45ncodedImageInfo\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x11\n\tcache_key\x18\x04 \x01(\t\"b\n\x0c\x45ncodedImage\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1c.kimi_vl.v1.EncodedImageInfo\x12&\n\nembeddings\x18\x02 \x01(\x0b\x32\x12.kimi_vl.v1.Tensor\"U\n\x0e\x45ncodeResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.kimi_vl.v1.EncodedImage\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\"\"\n\x0c\x46\x65tchRequest\x12\x12\n\ncache_keys\x18\x01 \x03(\t\"\x83\x01\n\x0e\x45mbeddingChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04item\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12*\n\x04info\x18\x04 \x01(\x0b\x32\x1c.kimi_vl.v1.EncodedImageInfo\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t2\xd4\x01\n\x07\x45ncoder\x12?\n\x06\x45ncode\x12\x19.kimi_vl.v1.EncodeRequest\x1a\x1a.kimi_vl.v1.EncodeResponse\x12G\n\x0c\x45ncodeStream\x12\x19.kimi_vl.v1.EncodeRequest\x1a\x1a.kimi_vl.v1.EmbeddingChunk0\x01\x12?\n\x05\x46\x65tch\x12\x18.kimi_vl.v1.FetchRequest\x1a\x1a.kimi_vl.v1.EmbeddingChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEDIMAGE']._serialized_end=405
   _globals['_ENCODERESPONSE']._serialized_start=407
   _globals['_ENCODERESPONSE']._serialized_end=492
-  _globals['_EMBEDDINGCHUNK']._serialized_start=495
-  _globals['_EMBEDDINGCHUNK']._serialized_end=626
-  _globals['_ENCODER']._serialized_start=629
-  _globals['_ENCODER']._serialized_end=776
+  _globals['_FETCHREQUEST']._serialized_start=494
+  _globals['_FETCHREQUEST']._serialized_end=528
+  _globals['_EMBEDDINGCHUNK']._serialized_start=531
+  _globals['_EMBEDDINGCHUNK']._serialized_end=662
+  _globals['_ENCODER']._serialized_start=665
+  _globals['_ENCODER']._serialized_end=877
 # @@protoc_insertion_point(module_scope)

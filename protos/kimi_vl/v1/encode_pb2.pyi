@@ -47,6 +47,12 @@ class EncodeResponse(_message.Message):
     model_fingerprint: str
     def __init__(self, images: _Optional[_Iterable[_Union[EncodedImage, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
+class FetchRequest(_message.Message):
+    __slots__ = ("cache_keys",)
+    CACHE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    cache_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cache_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class EmbeddingChunk(_message.Message):
     __slots__ = ("data", "item", "offset", "info", "model_fingerprint")
     DATA_FIELD_NUMBER: _ClassVar[int]

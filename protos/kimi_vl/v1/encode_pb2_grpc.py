@@ -44,6 +44,11 @@ class EncoderStub:
                 request_serializer=protos_dot_kimi__vl_dot_v1_dot_encode__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=protos_dot_kimi__vl_dot_v1_dot_encode__pb2.EmbeddingChunk.FromString,
                 _registered_method=True)
+        self.Fetch = channel.unary_stream(
+                '/kimi_vl.v1.Encoder/Fetch',
+                request_serializer=protos_dot_kimi__vl_dot_v1_dot_encode__pb2.FetchRequest.SerializeToString,
+                response_deserializer=protos_dot_kimi__vl_dot_v1_dot_encode__pb2.EmbeddingChunk.FromString,
+                _registered_method=True)
 
 
 class EncoderServicer:
@@ -65,6 +70,17 @@ class EncoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fetch(self, request, context):
+        """Embeddings this encoder holds (its cache: the replica's LRU, or the shared Redis), streamed as
+        EncodeStream streams them, with no forward pass: a decoder without Redis reads them from the
+        replica that made them. All or nothing: if any key is not held (or is not a key of this
+        encoder), the call fails with INVALID_ARGUMENT naming it and streams nothing; the caller
+        encodes the media again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +92,11 @@ def add_EncoderServicer_to_server(servicer, server):
             'EncodeStream': grpc.unary_stream_rpc_method_handler(
                     servicer.EncodeStream,
                     request_deserializer=protos_dot_kimi__vl_dot_v1_dot_encode__pb2.EncodeRequest.FromString,
+                    response_serializer=protos_dot_kimi__vl_dot_v1_dot_encode__pb2.EmbeddingChunk.SerializeToString,
+            ),
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=protos_dot_kimi__vl_dot_v1_dot_encode__pb2.FetchRequest.FromString,
                     response_serializer=protos_dot_kimi__vl_dot_v1_dot_encode__pb2.EmbeddingChunk.SerializeToString,
             ),
     }
@@ -132,6 +153,33 @@ class Encoder:
             target,
             '/kimi_vl.v1.Encoder/EncodeStream',
             protos_dot_kimi__vl_dot_v1_dot_encode__pb2.EncodeRequest.SerializeToString,
+            protos_dot_kimi__vl_dot_v1_dot_encode__pb2.EmbeddingChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kimi_vl.v1.Encoder/Fetch',
+            protos_dot_kimi__vl_dot_v1_dot_encode__pb2.FetchRequest.SerializeToString,
             protos_dot_kimi__vl_dot_v1_dot_encode__pb2.EmbeddingChunk.FromString,
             options,
             channel_credentials,
