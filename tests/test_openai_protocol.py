@@ -31,20 +31,22 @@ from services.common.tokenizer import KimiTokenizer
 from services.decoder.async_engine import CompletionDelta, RequestOutput
 from services.decoder.params import SamplingParams
 from services.decoder.sampling import TokenLogprobs
+from services.frontend.openai_convert import (
+    MediaRef,
+    VideoOptions,
+    chat_messages,
+    expand_media,
+    sampling_params,
+    video_options,
+)
 from services.frontend.openai_protocol import (
     ChatRequest,
-    MediaRef,
     ModelNotFoundError,
     ProtocolError,
     RequestTooLargeError,
-    VideoOptions,
-    chat_messages,
     check_model,
-    expand_media,
     parse_chat_request,
     parse_completion_request,
-    sampling_params,
-    video_options,
 )
 from services.frontend.openai_responses import (
     SSE_DONE,

@@ -4,11 +4,12 @@ For `POST /v1/chat/completions` the ingress calls, in order:
 
     request = parse_chat_request(body)            # the decoded JSON body
     check_model(request.model, served_names)      # 404 for another name
-    messages, media = chat_messages(request, max_images=..., max_videos=...)
-    params = sampling_params(request, generation_defaults)
+    messages, media = chat_messages(request, max_images=..., max_videos=...)  # openai_convert
+    params = sampling_params(request, generation_defaults)                    # openai_convert
     video = video_options(request)                # None: the service's defaults
 
 and for `POST /v1/completions` `parse_completion_request`, `check_model` and `sampling_params`.
+This module validates; `services.frontend.openai_convert` turns a valid request into core types.
 Every refusal is a `ProtocolError` (an `InvalidInputError`, HTTP 400 unless a subclass says
 otherwise) carrying OpenAI's `param` (`messages[1].content[0].image_url.url`) and `code`; the
 parse functions raise nothing else.
@@ -32,13 +33,12 @@ Knows nothing about HTTP, tokenization, chat templates or fetching media; import
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from services.common.errors import InternalError, InvalidInputError
+from services.common.errors import InvalidInputError
 from services.decoder.params import SamplingParams
 
 DEFAULT_MAX_IMAGES = 16
@@ -76,7 +76,7 @@ class RequestTooLargeError(ProtocolError):
         )
 
 
-def _error(code: str, param: str | None, detail: str) -> ProtocolError:
+def protocol_error(code: str, param: str | None, detail: str) -> ProtocolError:
     lead = {
         "invalid_type": "Invalid type for",
         "invalid_value": "Invalid value for",
@@ -297,7 +297,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
     _check_refused(request, _REFUSED_CHAT)
     _check_messages(request.messages)
     if request.top_logprobs is not None and not request.logprobs:
-        raise _error("invalid_value", "top_logprobs", "logprobs must be true when top_logprobs is set")
+        raise protocol_error(
+            "invalid_value", "top_logprobs", "logprobs must be true when top_logprobs is set"
+        )
     _check_common(request)
     return request
 
@@ -307,9 +309,9 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     request = _validate(CompletionRequest, body)
     _check_refused(request, _REFUSED_COMPLETION)
     if not request.prompt:
-        raise _error("invalid_value", "prompt", "the prompt is empty")
+        raise protocol_error("invalid_value", "prompt", "the prompt is empty")
     if isinstance(request.prompt, tuple) and min(request.prompt) < 0:
-        raise _error("invalid_value", "prompt", "token ids must be non-negative")
+        raise protocol_error("invalid_value", "prompt", "token ids must be non-negative")
     _check_common(request)
     return request
 
@@ -355,22 +357,24 @@ def _from_pydantic(exc: ValidationError) -> ProtocolError:
     if kind == "extra_forbidden":
         return ProtocolError(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
     if kind in _TYPE_NAMES:
-        return _error("invalid_type", param, f"expected {_TYPE_NAMES[kind]}, got {_json_type(value)}")
+        return protocol_error("invalid_type", param, f"expected {_TYPE_NAMES[kind]}, got {_json_type(value)}")
     if kind == "content_type":
-        return _error(
+        return protocol_error(
             "invalid_type", param, f"expected a string or an array of parts, got {_json_type(value)}"
         )
     if kind == "unknown_part":
         if not isinstance(value, Mapping):
-            return _error("invalid_type", param, f"expected an object, got {_json_type(value)}")
+            return protocol_error("invalid_type", param, f"expected an object, got {_json_type(value)}")
         part_type = value.get("type")
         detail = (
             f"unknown content part type {_short(part_type)}" if "type" in value else "a part needs a type"
         )
-        return _error("invalid_value", param, f"{detail} (expected text, image_url or video_url)")
+        return protocol_error("invalid_value", param, f"{detail} (expected text, image_url or video_url)")
     if kind in ("invalid_type", "invalid_value", "unsupported_value"):
-        return _error(kind, param, err["msg"])
-    return _error("invalid_value", param, f"{err['msg'][:1].lower()}{err['msg'][1:]}, got {_short(value)}")
+        return protocol_error(kind, param, err["msg"])
+    return protocol_error(
+        "invalid_value", param, f"{err['msg'][:1].lower()}{err['msg'][1:]}, got {_short(value)}"
+    )
 
 
 def _param(loc: Sequence[int | str]) -> str | None:
@@ -421,143 +425,43 @@ _REFUSED_COMPLETION: dict[str, Callable[[Any], bool]] = {
 def _check_refused(request: _GenerationRequest, refused: Mapping[str, Callable[[Any], bool]]) -> None:
     for name, value in (request.model_extra or {}).items():
         if name in refused and refused[name](value):
-            raise _error("unsupported_parameter", name, "this server does not support it")
+            raise protocol_error("unsupported_parameter", name, "this server does not support it")
 
 
 def _check_common(request: _GenerationRequest) -> None:
     if request.stream_options is not None and not request.stream:
-        raise _error("invalid_value", "stream_options", "only allowed when stream is true")
+        raise protocol_error("invalid_value", "stream_options", "only allowed when stream is true")
     for field, param, value in request.core_values():
         try:
             SamplingParams(**{field: value})  # the core's own range check, one field at a time
         except InvalidInputError as exc:
-            raise _error("invalid_value", param, str(exc).replace(field, param, 1)) from None
+            raise protocol_error("invalid_value", param, str(exc).replace(field, param, 1)) from None
 
 
 def _check_messages(messages: list[ChatMessage]) -> None:
     if not messages:
-        raise _error("invalid_value", "messages", "at least one message is required")
+        raise protocol_error("invalid_value", "messages", "at least one message is required")
     for i, message in enumerate(messages):
         content = message.content
         if content is None and message.role != "assistant":
-            raise _error("invalid_value", f"messages[{i}].content", f"a {message.role} message needs content")
+            raise protocol_error(
+                "invalid_value", f"messages[{i}].content", f"a {message.role} message needs content"
+            )
         if isinstance(content, str) or content is None:
             continue
         if not content:
-            raise _error("invalid_value", f"messages[{i}].content", "an empty array of parts")
+            raise protocol_error("invalid_value", f"messages[{i}].content", "an empty array of parts")
         for j, part in enumerate(content):
             if isinstance(part, TextPart):
                 continue
             if message.role != "user":
-                raise _error(
+                raise protocol_error(
                     "invalid_value", f"messages[{i}].content[{j}]", f"{part.type} is for user messages only"
                 )
-            if not _media_url(part).lower().startswith(URL_PREFIXES):
+            if not media_url(part).lower().startswith(URL_PREFIXES):
                 param = f"messages[{i}].content[{j}].{part.type}.url"
-                raise _error("invalid_value", param, "expected a data: URL or an http(s) URL")
+                raise protocol_error("invalid_value", param, "expected a data: URL or an http(s) URL")
 
 
-def _media_url(part: ImagePart | VideoPart) -> str:
+def media_url(part: ImagePart | VideoPart) -> str:
     return part.image_url.url if isinstance(part, ImagePart) else part.video_url.url
-
-
-# --- conversion to the core -----------------------------------------------------------------
-
-
-def sampling_params(
-    request: ChatRequest | CompletionRequest, defaults: Mapping[str, Any] | None = None
-) -> SamplingParams:
-    """The engine's settings: what the request sets, then the checkpoint's `defaults` (from
-    `generation_defaults`) for the rest, then SamplingParams' own defaults."""
-    explicit = {field: value for field, _, value in request.core_values()}
-    return SamplingParams(**explicit).with_defaults(dict(defaults or {}), frozenset(explicit))
-
-
-@dataclass(frozen=True)
-class MediaRef:
-    """One image or video of a chat request, in prompt order (`index_in_prompt` is its position in
-    the media list). `param` names where it came from, for errors raised while fetching it."""
-
-    kind: Literal["image", "video"]
-    url: str  # a data: URL or an http(s) URL, untouched
-    index_in_prompt: int
-    param: str
-
-
-@dataclass(frozen=True)
-class VideoOptions:
-    """Per-request video sampling; the names of protos' kimi_vl.v1.VideoOptions (None: default)."""
-
-    fps: float | None = None
-    max_frames: int | None = None
-    frame_token_limit: int | None = None
-
-
-def chat_messages(
-    request: ChatRequest, *, max_images: int = DEFAULT_MAX_IMAGES, max_videos: int = DEFAULT_MAX_VIDEOS
-) -> tuple[list[Message], list[MediaRef]]:
-    """Messages for the chat template and the media they reference, in prompt order.
-
-    Text parts stay text parts; an image becomes `{"type": "image", "media_index": k}` (which
-    `encode_chat` takes as is) and a video `{"type": "video", "media_index": k}` (which
-    `expand_media` replaces by its frames' parts once they are known); k indexes the media list.
-    """
-    limits = {"image": max_images, "video": max_videos}
-    counts = {"image": 0, "video": 0}
-    messages: list[Message] = []
-    media: list[MediaRef] = []
-    for i, message in enumerate(request.messages):
-        content = message.content if message.content is not None else ""
-        if isinstance(content, str):
-            messages.append({"role": message.role, "content": content})
-            continue
-        parts: list[dict[str, Any]] = []
-        for j, part in enumerate(content):
-            if isinstance(part, TextPart):
-                parts.append({"type": "text", "text": part.text})
-                continue
-            kind: Literal["image", "video"] = "image" if isinstance(part, ImagePart) else "video"
-            counts[kind] += 1
-            if counts[kind] > limits[kind]:
-                detail = f"more {kind}s than the limit of {limits[kind]} per request"
-                raise _error("invalid_value", f"messages[{i}].content[{j}]", detail)
-            parts.append({"type": kind, "media_index": len(media)})
-            param = f"messages[{i}].content[{j}].{part.type}.url"
-            media.append(MediaRef(kind, _media_url(part), len(media), param))
-        messages.append({"role": message.role, "content": parts})
-    return messages, media
-
-
-def expand_media(
-    messages: Sequence[Message], media_parts: Sequence[Sequence[Mapping[str, Any]]]
-) -> list[Message]:
-    """`messages` with media part k replaced by the parts `media_parts[k]` (an image: one image
-    part; a video: per frame its timestamp text and an image part, as the preprocessor gives)."""
-    out: list[Message] = []
-    used = 0
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, str):
-            out.append(dict(message))
-            continue
-        parts: list[dict[str, Any]] = []
-        for part in content:
-            if "media_index" not in part:
-                parts.append(dict(part))
-                continue
-            if part["media_index"] >= len(media_parts):
-                raise InternalError(f"no parts for media {part['media_index']} of {len(media_parts)}")
-            parts.extend(dict(p) for p in media_parts[part["media_index"]])
-            used += 1
-        out.append({**message, "content": parts})
-    if used != len(media_parts):
-        raise InternalError(f"{len(media_parts)} media parts for {used} media in the messages")
-    return out
-
-
-def video_options(request: ChatRequest) -> VideoOptions | None:
-    """The request's video sampling (`media_io_kwargs.video`), or None to use the defaults."""
-    video = request.media_io_kwargs.video if request.media_io_kwargs is not None else None
-    if video is None:
-        return None
-    return VideoOptions(fps=video.fps, max_frames=video.num_frames, frame_token_limit=video.frame_token_limit)
