@@ -250,7 +250,8 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.query_lens, strict=True):
             start, end = seq.num_computed, seq.num_computed + n
             ids.extend(seq.token_ids(start, end))
-            for m in seq.media:
+            media = seq.media if start < len(seq.prompt_ids) else ()  # decode rows hold no media
+            for m in media:
                 lo, hi = max(start, m.offset), min(end, m.offset + m.embeds.shape[0])
                 if lo < hi:
                     pieces.append((row + lo - start, m.embeds[lo - m.offset : hi - m.offset]))
@@ -295,7 +296,6 @@ class LLMEngine:
     def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor, rows: list[int]) -> list[StepOutput]:
         self._steps += 1
         self.scheduler.after_step(batch)
-        self.scheduler.publish(batch)
         if not rows:
             return []
         seqs = [batch.seqs[i] for i in rows]
@@ -310,7 +310,6 @@ class LLMEngine:
         for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
             seq.output_ids.append(token)
             self._generation_tokens += 1
-            self.scheduler.after_sample(seq)
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)

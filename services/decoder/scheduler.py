@@ -231,18 +231,18 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def after_step(self, batch: ScheduledBatch) -> None:
-        """Account for the tokens the model just cached and publish the blocks they filled."""
+        """Account for the tokens the model just cached and publish the full blocks they filled.
+
+        Only computed tokens fill a block: a token sampled afterwards is computed in its next step.
+        """
         for seq, n in zip(batch.seqs, batch.query_lens, strict=True):
             seq.num_computed += n
-
-    def after_sample(self, seq: SeqState) -> None:
-        """`seq` has a new output token: key the blocks it completes and publish computed ones."""
-        self._extend_keys(seq)
-        full = min(seq.num_computed // self.block_size, len(seq.block_keys))
-        while seq.num_registered < full:
-            i = seq.num_registered
-            self.pool.register(seq.block_table[i], seq.block_keys[i])
-            seq.num_registered += 1
+            self._extend_keys(seq)
+            full = min(seq.num_computed // self.block_size, len(seq.block_keys))
+            while seq.num_registered < full:
+                i = seq.num_registered
+                self.pool.register(seq.block_table[i], seq.block_keys[i])
+                seq.num_registered += 1
 
     def _extend_keys(self, seq: SeqState) -> None:
         if seq.keys_complete or not self.pool.enable_caching:
@@ -256,12 +256,6 @@ class Scheduler:
         seq.block_keys.extend(new)
         if len(seq.block_keys) < seq.num_tokens // self.block_size:
             seq.keys_complete = True  # unkeyed media: nothing from there on is shared
-
-    def publish(self, batch: ScheduledBatch) -> None:
-        """Publish the blocks a prefill chunk filled (sampling sequences do it in after_sample)."""
-        for i, seq in enumerate(batch.seqs):
-            if not batch.samples(i):
-                self.after_sample(seq)
 
     def finish(self, seq: SeqState, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
