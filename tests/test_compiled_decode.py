@@ -14,8 +14,9 @@ import torch
 
 from services.common.checkpoint import write_checkpoint
 from services.common.weights import load_text_model
+from services.decoder.block_pool import BlockPool
 from services.decoder.compiled import DecodeRunner, batch_buckets
-from services.decoder.kv_cache import PAD_BLOCK, AttentionMetadata, BlockAllocator, PagedKVCache
+from services.decoder.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache
 from services.decoder.model import DecoderForCausalLM
 
 BS = 4
@@ -42,7 +43,7 @@ class _Batch:
     def __init__(self, model: DecoderForCausalLM, lengths: list[int], seed: int) -> None:
         cfg = model.cfg
         self.model, self.gen = model, torch.Generator().manual_seed(seed)
-        self.alloc = BlockAllocator(NUM_BLOCKS)
+        self.alloc = BlockPool(NUM_BLOCKS, enable_caching=False)
         self.alloc.allocate(1)  # block 0 = PAD_BLOCK, reserved
         self.caches = [
             PagedKVCache(cfg.num_hidden_layers, NUM_BLOCKS, BS, cfg.latent_dim, torch.float32, "cpu")

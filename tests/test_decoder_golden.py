@@ -31,8 +31,9 @@ from safetensors.torch import load_file
 
 from services.common.checkpoint import write_checkpoint
 from services.common.weights import checkpoint_weight_map, load_text_model
+from services.decoder.block_pool import BlockPool
 from services.decoder.hf_reference import PREFIX, export_hf_decoder, load_hf_decoder
-from services.decoder.kv_cache import AttentionMetadata, BlockAllocator, PagedKVCache, blocks_needed
+from services.decoder.kv_cache import AttentionMetadata, PagedKVCache, blocks_needed
 from services.decoder.model import DecoderForCausalLM
 from triton_kernels.routing import grouped_topk_ref
 
@@ -102,7 +103,7 @@ def _greedy_paged(
     model: DecoderForCausalLM, prompts: list[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Batched greedy decoding through the paged cache -> tokens [B, NEW_TOKENS], logits per step."""
-    alloc = BlockAllocator(128)
+    alloc = BlockPool(128, enable_caching=False)
     cache = _new_cache(model, 128)
     lens = [len(p) for p in prompts]
     tables = [alloc.allocate(blocks_needed(n, BLOCK_SIZE)) for n in lens]

@@ -10,10 +10,10 @@ import torch
 from services.common.checkpoint import write_checkpoint
 from services.common.errors import CapacityError
 from services.common.weights import load_text_model
+from services.decoder.block_pool import BlockPool
 from services.decoder.kv_cache import (
     PAD_BLOCK,
     AttentionMetadata,
-    BlockAllocator,
     PagedKVCache,
     blocks_needed,
 )
@@ -27,7 +27,7 @@ BS = 4  # small blocks: every sequence spans several
 
 
 def test_allocator_allocates_frees_and_reports_capacity() -> None:
-    alloc = BlockAllocator(5)
+    alloc = BlockPool(5, enable_caching=False)
     a = alloc.allocate(3)
     assert len(set(a)) == 3 and alloc.num_free == 2
     with pytest.raises(CapacityError):
@@ -104,7 +104,7 @@ def _prompts(lengths: list[int], vocab: int = 1000, seed: int = 0) -> list[torch
 def test_absorbed_decode_matches_expanded_attention(model: DecoderForCausalLM) -> None:
     """Same cache, same queries: MLA's absorbed form == its expanded form, per layer."""
     prompts = _prompts([7, 13, 3])
-    alloc, cache = BlockAllocator(64), _fresh_cache(model)
+    alloc, cache = BlockPool(64, enable_caching=False), _fresh_cache(model)
     tables = [alloc.allocate(blocks_needed(len(p) + 1, BS))[::-1] for p in prompts]  # non-contiguous
     pre = AttentionMetadata.for_prefill(tables, [len(p) for p in prompts], block_size=BS)
     model(torch.cat(prompts), pre.positions, pre, cache)

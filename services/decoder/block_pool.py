@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -117,10 +117,14 @@ class BlockPool:
         return blocks
 
     def free(self, blocks: Sequence[int]) -> None:
-        """Drop one reference of each block; last-first, so a sequence's tail is evicted first."""
+        """Drop one reference of each block; last-first, so a sequence's tail is evicted first.
+
+        Freeing more references than a block holds is a bug: ValueError, and nothing is freed.
+        """
+        over = [b for b, n in Counter(blocks).items() if not 0 <= b < len(self._refs) or self._refs[b] < n]
+        if over:
+            raise ValueError(f"freeing blocks that are not allocated (or twice): {sorted(over)}")
         for block in reversed(blocks):
-            if self._refs[block] <= 0:
-                raise ValueError(f"freeing block {block}, which is not allocated")
             self._refs[block] -= 1
             if self._refs[block] == 0:
                 if block in self._hash_of:

@@ -1,61 +1,26 @@
-"""The paged MLA latent cache, its block allocator, and the per-step attention metadata.
+"""The paged MLA latent cache and the per-step attention metadata.
 
-The engine owns all three: it allocates blocks per sequence, builds an `AttentionMetadata` for
-each model step and hands both the metadata and the `PagedKVCache` to the model's forward (no
-globals). Per token and layer the cache holds `latent_dim` values: the normalised compressed kv
-(kv_lora_rank) followed by the ROTATED shared rope key k_pe (qk_rope_head_dim).
+The engine owns both: it allocates blocks per sequence (`block_pool.BlockPool`), builds an
+`AttentionMetadata` for each model step and hands both the metadata and the `PagedKVCache` to the
+model's forward (no globals). Per token and layer the cache holds `latent_dim` values: the
+normalised compressed kv (kv_lora_rank) followed by the ROTATED shared rope key k_pe
+(qk_rope_head_dim).
 
 Knows nothing about scheduling policy, the model's weights or tokens.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from services.common.errors import CapacityError
 
 PAD_BLOCK = 0  # fills block-table rows past a sequence's last block; never read unmasked
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
-
-
-class BlockAllocator:
-    """Hands out block ids in [0, num_blocks). Pure Python: the scheduler can use it without torch."""
-
-    def __init__(self, num_blocks: int) -> None:
-        if num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
-        self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._used: set[int] = set()
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        """n block ids; raises CapacityError (allocating nothing) if fewer than n are free."""
-        if n < 0:
-            raise ValueError(f"cannot allocate {n} blocks")
-        if n > len(self._free):
-            raise CapacityError(f"KV cache full: {n} blocks requested, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        self._used.update(blocks)
-        return blocks
-
-    def free(self, blocks: Sequence[int]) -> None:
-        """Return blocks to the pool; freeing a block that is not allocated is a bug."""
-        bad = [b for b in blocks if b not in self._used]
-        if bad or len(set(blocks)) != len(blocks):
-            raise ValueError(f"freeing blocks that are not allocated (or twice): {sorted(bad or blocks)}")
-        self._used.difference_update(blocks)
-        self._free.extend(blocks)
 
 
 class PagedKVCache:
