@@ -85,8 +85,6 @@ class EngineObserver(Protocol):
 
     def on_output_token(self, seconds: float) -> None: ...
 
-    def on_finished(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None: ...
-
 
 @dataclass
 class _Choice:
@@ -187,8 +185,6 @@ class AsyncEngine:
                     yield RequestOutput(
                         request.request_id, tuple(deltas), done, prompt_tokens, cached, completion
                     )
-            if self.observer is not None and choices is not None:
-                self.observer.on_finished(prompt_tokens, cached, sum(len(c.token_ids) for c in choices))
         finally:
             if not done:
                 self._abort(live, None)

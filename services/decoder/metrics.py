@@ -116,9 +116,6 @@ class DecoderMetrics:
         with self._lock:
             self._pending.append((False, seconds))
 
-    def on_finished(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None:
-        """Token counters come from the engine's own totals; nothing to do per request."""
-
     # --- the event loop ----------------------------------------------------------------------------
 
     def report(self, stats: EngineStats) -> None:
