@@ -216,12 +216,7 @@ def _encode_media(
     )
     # a video is its frames, each with its own hash: frames cached by an earlier run are reused
     per_item_images = [
-        split_packed(
-            item.pixel_values,
-            item.image_grid_hws,
-            [f.content_hash for f in item.frames] if item.frames else [item.content_hash],
-        )
-        for item in items
+        split_packed(item.pixel_values, item.image_grid_hws, item.encoder_hashes()) for item in items
     ]
     encoded = engine.encode([image for images in per_item_images for image in images])
     per_item, start = [], 0
@@ -271,8 +266,13 @@ def _encoded_json(path: str, item: ProcessedItem, results: Sequence[EncodedImage
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from services.bench import command as bench_command
+    from services.pipeline import local as serve_command
+
     parser = argparse.ArgumentParser(prog="kimi-vl", description="Serve and run Kimi-VL.")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve_command.add_parser(sub)
+    bench_command.add_parser(sub)
 
     mk = sub.add_parser("make-checkpoint", help="write a small random checkpoint in the official layout")
     mk.add_argument("out_dir")

@@ -16,6 +16,11 @@ class InvalidInputError(KimiVLError, ValueError):
     """The caller sent something we cannot serve: bad media, over-long prompt, malformed request."""
 
 
+class NotCachedError(InvalidInputError):
+    """Embeddings asked for by cache key are not held (evicted, expired, never written, or their
+    encoder replica is gone): the caller encodes the media again."""
+
+
 class CheckpointError(KimiVLError, ValueError):
     """A checkpoint directory is incomplete or inconsistent (missing/contradictory keys or weights)."""
 

@@ -59,6 +59,7 @@ from services.decoder.output_text import is_thinking_checkpoint
 from services.decoder.params import generation_defaults
 from services.decoder.translate import ModelFacts, responses, translate
 from services.vision_encoder.cache import EmbeddingCache
+from services.vision_encoder.client import EncoderClients
 from services.vision_encoder.redis_cache import DEFAULT_SOCKET_TIMEOUT_S, RedisEmbeddingCache
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,11 @@ class DecoderSettings:
     num_threads: int | None = None  # torch CPU threads (build_app: num_cpus on CPU)
     metrics_interval_s: float = 1.0
     enable_fault_injection: bool = False  # tests only: allows the inject_fault handle method
+    # Read segments that name an `encoder_endpoint` from that encoder replica (Encoder/Fetch): the
+    # pipeline without a shared cache. Off for a decoder external callers reach (they could name
+    # any address). The token the encoders require comes from this environment variable.
+    fetch_from_encoders: bool = False
+    encoder_token_env: str | None = None
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> DecoderSettings:
@@ -171,6 +177,7 @@ class DecoderServer:
         if cache is None and c.redis_url:
             cache = RedisEmbeddingCache(c.redis_url, socket_timeout_s=c.socket_timeout_s)
         self.cache = cache
+        self._encoders = EncoderClients(settings.encoder_token_env) if settings.fetch_from_encoders else None
         self._reporter: asyncio.Task[None] | None = None
         self._start_reporter()
 
@@ -192,7 +199,10 @@ class DecoderServer:
         self._start_reporter()
         self.engine.check_health()
         request_id = request.request_id or request_id or uuid.uuid4().hex
-        prompt = await asyncio.to_thread(translate, request, self.facts, self.cache, request_id=request_id)
+        fetch = self._encoders.fetch if self._encoders is not None else None
+        prompt = await asyncio.to_thread(
+            translate, request, self.facts, self.cache, request_id=request_id, fetch_remote=fetch
+        )
         async with aclosing(self.engine.generate(prompt.request)) as outputs:
             async for output in outputs:
                 for response in responses(output, prompt):

@@ -6,8 +6,10 @@ rendered with the checkpoint's chat template (a media item = its segments in ord
 by its timestamp text when it has one: a video's frames). The i-th run of `<|media_pad|>` ids
 takes segment i's embeddings: inline (`Tensor` [num_tokens, text hidden], float) or a key of the
 shared embedding cache the encoder writes (Redis), read here. A key not in the cache (evicted,
-expired, never written) is INVALID_ARGUMENT saying so: the caller re-encodes and retries; when
-Redis itself failed during the read it is UNAVAILABLE instead. Each segment's prefix-cache key is
+expired, never written) is INVALID_ARGUMENT saying so (NotCachedError): the caller re-encodes and
+retries; when Redis itself failed during the read it is UNAVAILABLE instead. A decoder without the
+shared cache reads keys that name an `encoder_endpoint` from that encoder replica (Encoder/Fetch),
+when it is configured to. Each segment's prefix-cache key is
 its cache key, or for inline embeddings a blake2b digest of dtype, shape and bytes, so identical
 pictures share KV blocks and different ones never do.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +27,12 @@ import torch
 from protos.kimi_vl.v1 import generate_pb2 as pb
 from services.common import tensor_codec
 from services.common.chat_template import encode_chat
-from services.common.errors import InvalidInputError, UpstreamUnavailableError
+from services.common.errors import InvalidInputError, NotCachedError, UpstreamUnavailableError
 from services.common.tokenizer import KimiTokenizer
-from services.decoder.async_engine import GenerationRequest, RequestOutput
+from services.decoder.async_engine import CompletionDelta, GenerationRequest, RequestOutput
 from services.decoder.engine import MediaSpan
 from services.decoder.params import SamplingParams
+from services.decoder.sampling import TokenLogprobs
 from services.vision_encoder.cache import EmbeddingCache
 from services.vision_encoder.redis_cache import RedisCacheStats
 
@@ -38,6 +41,7 @@ _SAMPLING_SCALARS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p",
 _ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
            "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}  # fmt: skip
+_FINISH_NAME = {code: name for name, code in _FINISH.items()}
 _EMBED_DTYPES = {"float32", "float16", "bfloat16"}
 MAX_CACHE_KEY_CHARS = 512
 
@@ -76,6 +80,22 @@ def sampling_params(msg: pb.SamplingParams, defaults: Mapping[str, Any]) -> Samp
     if msg.ignore_eos:
         explicit["ignore_eos"] = True
     return SamplingParams(**explicit).with_defaults(dict(defaults), frozenset(explicit))
+
+
+def sampling_to_proto(params: SamplingParams, *, split_reasoning: bool | None = None,
+                      timeout_s: float | None = None) -> pb.SamplingParams:  # fmt: skip
+    """Every field of `params` set explicitly (defaults were applied by whoever made them)."""
+    msg = pb.SamplingParams(
+        **{name: getattr(params, name) for name in _SAMPLING_SCALARS if getattr(params, name) is not None},
+        stop_token_ids=list(params.stop_token_ids),
+        stop=list(params.stop),
+        ignore_eos=params.ignore_eos,
+    )
+    if split_reasoning is not None:
+        msg.split_reasoning = split_reasoning
+    if timeout_s is not None:
+        msg.timeout_s = timeout_s
+    return msg
 
 
 def placeholder_runs(ids: Sequence[int], placeholder_id: int) -> list[tuple[int, int]]:
@@ -192,6 +212,9 @@ def _inline(where: str, segment: pb.EmbeddingSegment, hidden: int) -> torch.Tens
     return tensor_codec.to_torch(msg)
 
 
+RemoteFetch = Callable[[str, list[str]], list[torch.Tensor]]  # (encoder endpoint, keys) -> tensors
+
+
 def _read_cache(keys: list[str], cache: EmbeddingCache | None) -> dict[str, torch.Tensor]:
     if not keys:
         return {}
@@ -204,11 +227,26 @@ def _read_cache(keys: list[str], cache: EmbeddingCache | None) -> dict[str, torc
         raise UpstreamUnavailableError("the embedding cache could not be read; try again shortly")
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise InvalidInputError(
+        raise NotCachedError(
             f"cache_key {shown} is not in the embedding cache (evicted, expired or never written): encode "
             "the media again"
         )
     return {key: tensor for key, tensor in zip(keys, values, strict=True) if tensor is not None}
+
+
+def _read_remote(by_endpoint: dict[str, list[str]], fetch: RemoteFetch | None) -> dict[str, torch.Tensor]:
+    """Embeddings held by encoder replicas (Encoder/Fetch), for a decoder without the shared cache.
+    A replica that no longer holds them, or cannot be reached, is NotCachedError: encode again."""
+    if by_endpoint and fetch is None:
+        raise InvalidInputError("this decoder does not fetch embeddings from encoders (encoder_endpoint)")
+    out: dict[str, torch.Tensor] = {}
+    for endpoint, keys in by_endpoint.items():
+        try:
+            tensors = fetch(endpoint, keys)  # type: ignore[misc]
+        except UpstreamUnavailableError as e:
+            raise NotCachedError(f"encoder {endpoint} did not answer ({e}): encode the media again") from e
+        out.update(zip(keys, tensors, strict=True))
+    return out
 
 
 def _cache_failures(cache: EmbeddingCache) -> int:
@@ -223,9 +261,12 @@ def translate(
     *,
     request_id: str,
     now: float | None = None,
+    fetch_remote: RemoteFetch | None = None,
 ) -> Prompt:
     """The engine's request for `request`; every problem with it is an InvalidInputError (a cache
-    that failed while reading: UpstreamUnavailableError). `now`: time.monotonic() at receipt.
+    that failed while reading: UpstreamUnavailableError; embeddings no longer held: NotCachedError).
+    `now`: time.monotonic() at receipt. `fetch_remote` reads segments that name an
+    `encoder_endpoint` (None: such segments are refused).
 
     Cheap checks (sampling, prompt, placeholder runs, inline shapes) run before the cache is read.
     """
@@ -241,17 +282,20 @@ def translate(
     ids, segments, spans = (_token_prompt if kind == "tokens" else _message_prompt)(request, facts)
     inline: dict[int, torch.Tensor] = {}
     keys: list[str] = []
+    remote: dict[str, list[str]] = {}
     for i, (where, segment) in enumerate(segments):
         source = segment.WhichOneof("source")
         if source == "embeddings":
             inline[i] = _inline(where, segment, facts.hidden_size)
         elif source == "cache_key" and 0 < len(segment.cache_key) <= MAX_CACHE_KEY_CHARS:
-            keys.append(segment.cache_key)
+            held = remote.setdefault(segment.encoder_endpoint, []) if segment.encoder_endpoint else keys
+            if segment.cache_key not in held:
+                held.append(segment.cache_key)
         else:
             raise InvalidInputError(
                 f"{where} needs embeddings or a cache_key of 1-{MAX_CACHE_KEY_CHARS} chars"
             )
-    cached = _read_cache(list(dict.fromkeys(keys)), cache)
+    cached = {**_read_cache(keys, cache), **_read_remote(remote, fetch_remote)}
     media: list[MediaSpan] = []
     for i, ((where, segment), (offset, length)) in enumerate(zip(segments, spans, strict=True)):
         if i in inline:
@@ -274,6 +318,26 @@ def translate(
 # ---------------------------------------------------------------------------------------------
 # core -> proto
 # ---------------------------------------------------------------------------------------------
+
+
+def output_from_response(msg: pb.GenerateResponse) -> RequestOutput:
+    """The engine's output again, from one message of the stream (the inverse of `responses`).
+    Token counts arrive with the usage, on the stream's last message (`finished`)."""
+    finish = _FINISH_NAME[msg.finish_reason]
+    logprobs = tuple(
+        TokenLogprobs(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+        for lp in msg.logprobs
+    )
+    delta = CompletionDelta(msg.index, msg.text, msg.reasoning, tuple(msg.token_ids), logprobs, finish)
+    usage = msg.usage if msg.HasField("usage") else None
+    return RequestOutput(
+        msg.request_id,
+        (delta,),
+        finished=usage is not None,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        cached_tokens=usage.cached_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+    )
 
 
 def responses(output: RequestOutput, prompt: Prompt) -> list[pb.GenerateResponse]:

@@ -140,10 +140,18 @@ class ProcessedItem:
     num_tokens_per_image: list[int]
     content_hash: str
     frames: list[FrameInfo] = field(default_factory=list)
+    pixel_hash: str | None = None  # images: a digest of the decoded pixels (see encoder_hashes)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_tokens_per_image)
+
+    def encoder_hashes(self) -> list[str]:
+        """The encoder cache's content hash per image/frame: an image's pixel hash (the same
+        picture sent as PNG and as WebP hits), a frame's own hash."""
+        if self.kind is MediaKind.VIDEO:
+            return [f.content_hash for f in self.frames]
+        return [self.pixel_hash or self.content_hash]
 
     def content_parts(self) -> list[dict[str, Any]]:
         """Chat content parts for this item (a video: timestamp text + image block per frame)."""
@@ -193,6 +201,24 @@ def item_hash(kind: MediaKind, source_sha256: str, params: dict[str, Any]) -> st
 
 def frame_hash(source_sha256: str, index: int, timestamp_s: float, params: dict[str, Any]) -> str:
     return _digest("frame", source_sha256, str(index), repr(float(timestamp_s)), params)
+
+
+def pixel_hash(image: Image.Image, params: dict[str, Any]) -> str:
+    """A decoded image's key: its mode, size and pixel bytes, whatever container carried them."""
+    return _digest("pixels", params, image.mode, f"{image.width}x{image.height}", image.tobytes())
+
+
+def source_hash(
+    kind: MediaKind, data: bytes, cfg: ProcessorConfig, sampling: VideoSampling | None = None
+) -> str:
+    """An item's `content_hash` from its raw bytes and the settings alone, with no decoding (the
+    pipeline's media manifests are keyed by it). `kind` is IMAGE or VIDEO, as `resolve_kind` gives."""
+    source_sha256 = hashlib.sha256(data).hexdigest()
+    if kind is MediaKind.IMAGE:
+        return item_hash(kind, source_sha256, image_params(cfg, cfg.in_token_limit))
+    sampling = sampling or VideoSampling()
+    params = {**image_params(cfg, sampling.frame_token_limit), "sampling": asdict(sampling)}
+    return item_hash(MediaKind.VIDEO, source_sha256, params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +299,6 @@ class PreprocessEngine:
             raise InvalidInputError(
                 f"{kind.value} holds {len(data)} bytes; the limit is {self.limits.max_bytes(kind)}"
             )
-        source_sha256 = hashlib.sha256(data).hexdigest()
         if kind is MediaKind.IMAGE:
             image = decode_image(data, fmt, self.limits.max_image_pixels)
             result = self.processor.preprocess([image])
@@ -282,9 +307,10 @@ class PreprocessEngine:
                 pixel_values=result.pixel_values,
                 image_grid_hws=result.image_grid_hws,
                 num_tokens_per_image=result.num_tokens,
-                content_hash=item_hash(kind, source_sha256, image_params(self.cfg, self.cfg.in_token_limit)),
+                content_hash=source_hash(kind, data, self.cfg),
+                pixel_hash=pixel_hash(image, image_params(self.cfg, self.cfg.in_token_limit)),
             )
-        return self._process_video(data, fmt.suffix, source_sha256, item, sampling)
+        return self._process_video(data, fmt.suffix, hashlib.sha256(data).hexdigest(), item, sampling)
 
     def _process_video(
         self, data: bytes, suffix: str, source_sha256: str, item: MediaInput, sampling: VideoSampling
@@ -310,12 +336,11 @@ class PreprocessEngine:
             )
             for index, ts, tokens in zip(video.indices, video.timestamps_s, video.num_tokens, strict=True)
         ]
-        params = {**frame_params, "sampling": asdict(sampling)}
         return ProcessedItem(
             kind=MediaKind.VIDEO,
             pixel_values=video.pixel_values,
             image_grid_hws=video.image_grid_hws,
             num_tokens_per_image=video.num_tokens,
-            content_hash=item_hash(MediaKind.VIDEO, source_sha256, params),
+            content_hash=source_hash(MediaKind.VIDEO, data, self.cfg, sampling),
             frames=frames,
         )

@@ -10,6 +10,8 @@ Knows nothing about Ray.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,13 @@ import grpc.experimental
 import torch
 
 from protos.kimi_vl.v1 import encode_pb2 as pb
-from services.common.errors import STATUS_BY_ERROR, InvalidInputError, KimiVLError, UpstreamUnavailableError
-from services.vision_encoder.engine import NotCachedError
+from services.common.errors import (
+    STATUS_BY_ERROR,
+    InvalidInputError,
+    KimiVLError,
+    NotCachedError,
+    UpstreamUnavailableError,
+)
 from services.vision_encoder.transport import (
     CHANNEL_OPTIONS,
     SERVICE,
@@ -153,6 +160,36 @@ class EncoderClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class EncoderClients:
+    """One `EncoderClient` per encoder replica endpoint, made on first use (channels are reused:
+    a connection per call would cost a handshake each time). Thread-safe."""
+
+    def __init__(self, token_env: str | None = None, *, timeout_s: float | None = 600.0) -> None:
+        self._token = os.environ.get(token_env) if token_env else None
+        if token_env and not self._token:
+            raise InvalidInputError(f"the environment variable {token_env} (encoder token) is not set")
+        self._timeout_s = timeout_s
+        self._clients: dict[str, EncoderClient] = {}
+        self._lock = threading.Lock()
+
+    def get(self, endpoint: str) -> EncoderClient:
+        with self._lock:
+            client = self._clients.get(endpoint)
+            if client is None:
+                client = EncoderClient(endpoint, token=self._token, timeout_s=self._timeout_s)
+                self._clients[endpoint] = client
+            return client
+
+    def fetch(self, endpoint: str, cache_keys: list[str]) -> list[torch.Tensor]:
+        return self.get(endpoint).fetch(cache_keys)
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
 
 
 def _read(raw_chunks: Iterable[bytes], *, keys_only: bool = False) -> EncodeResult:

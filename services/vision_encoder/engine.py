@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from services.common.errors import InvalidInputError
+from services.common.errors import InvalidInputError, NotCachedError
 from services.kimi_vl import VisionEncoder, load_vision_encoder
 from services.vision_encoder.cache import EmbeddingCache, cache_key, model_fingerprint
 
@@ -43,10 +43,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_PATCHES = 16384  # four 4096-patch images (the release's in_token_limit) per pass
 _PIXEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DIGEST_DOMAIN = b"kimi-vl/encoder/patches/v1"
-
-
-class NotCachedError(InvalidInputError):
-    """Embeddings asked for by key that this encoder's cache does not hold (or a key not its own)."""
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,10 @@ class VisionEncoderServer:
         await asyncio.shield(self._grpc_started)
         return self.grpc_server.endpoint
 
+    async def fingerprint(self) -> str:
+        """The weights' fingerprint, part of every cache key this replica writes."""
+        return self.engine.fingerprint
+
     async def stats(self) -> dict[str, Any]:
         batching = {"batches": self.batcher.batches, "requests": self.batcher.batched_requests}
         endpoint = self.grpc_server.endpoint if self.grpc_server is not None else None

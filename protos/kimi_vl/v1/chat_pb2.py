@@ -26,7 +26,7 @@ from protos.kimi_vl.v1 import generate_pb2 as protos_dot_kimi__vl_dot_v1_dot_gen
 from protos.kimi_vl.v1 import preprocess_pb2 as protos_dot_kimi__vl_dot_v1_dot_preprocess__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/kimi_vl/v1/chat.proto\x12\nkimi_vl.v1\x1a protos/kimi_vl/v1/generate.proto\x1a\"protos/kimi_vl/v1/preprocess.proto\"u\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.kimi_vl.v1.MediaItemH\x00\x12&\n\x05video\x18\x03 \x01(\x0b\x32\x15.kimi_vl.v1.MediaItemH\x00\x42\x06\n\x04part\"W\n\x0b\x43hatMessage\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.kimi_vl.v1.Role\x12(\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x17.kimi_vl.v1.ContentPart\"\xa3\x01\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.kimi_vl.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kimi_vl.v1.SamplingParams\x12\'\n\x05video\x18\x04 \x01(\x0b\x32\x18.kimi_vl.v1.VideoOptions\"\x96\x01\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.kimi_vl.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.kimi_vl.v1.Usage2C\n\x04\x43hat\x12;\n\x04\x43hat\x12\x17.kimi_vl.v1.ChatRequest\x1a\x18.kimi_vl.v1.ChatResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/kimi_vl/v1/chat.proto\x12\nkimi_vl.v1\x1a protos/kimi_vl/v1/generate.proto\x1a\"protos/kimi_vl/v1/preprocess.proto\"u\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.kimi_vl.v1.MediaItemH\x00\x12&\n\x05video\x18\x03 \x01(\x0b\x32\x15.kimi_vl.v1.MediaItemH\x00\x42\x06\n\x04part\"W\n\x0b\x43hatMessage\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.kimi_vl.v1.Role\x12(\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x17.kimi_vl.v1.ContentPart\"\xa3\x01\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.kimi_vl.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kimi_vl.v1.SamplingParams\x12\'\n\x05video\x18\x04 \x01(\x0b\x32\x18.kimi_vl.v1.VideoOptions\"\xe4\x01\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.kimi_vl.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.kimi_vl.v1.Usage\x12\x11\n\treasoning\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\x05\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.kimi_vl.v1.TokenLogprob2C\n\x04\x43hat\x12;\n\x04\x43hat\x12\x17.kimi_vl.v1.ChatRequest\x1a\x18.kimi_vl.v1.ChatResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,7 +40,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATREQUEST']._serialized_start=323
   _globals['_CHATREQUEST']._serialized_end=486
   _globals['_CHATRESPONSE']._serialized_start=489
-  _globals['_CHATRESPONSE']._serialized_end=639
-  _globals['_CHAT']._serialized_start=641
-  _globals['_CHAT']._serialized_end=708
+  _globals['_CHATRESPONSE']._serialized_end=717
+  _globals['_CHAT']._serialized_start=719
+  _globals['_CHAT']._serialized_end=786
 # @@protoc_insertion_point(module_scope)

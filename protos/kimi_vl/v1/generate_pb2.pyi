@@ -67,16 +67,18 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[int] = ..., n: _Optional[int] = ..., split_reasoning: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class EmbeddingSegment(_message.Message):
-    __slots__ = ("num_tokens", "embeddings", "cache_key", "timestamp")
+    __slots__ = ("num_tokens", "embeddings", "cache_key", "timestamp", "encoder_endpoint")
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     CACHE_KEY_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
     embeddings: _tensor_pb2.Tensor
     cache_key: str
     timestamp: str
-    def __init__(self, num_tokens: _Optional[int] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cache_key: _Optional[str] = ..., timestamp: _Optional[str] = ...) -> None: ...
+    encoder_endpoint: str
+    def __init__(self, num_tokens: _Optional[int] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cache_key: _Optional[str] = ..., timestamp: _Optional[str] = ..., encoder_endpoint: _Optional[str] = ...) -> None: ...
 
 class MediaEmbeddings(_message.Message):
     __slots__ = ("segments",)

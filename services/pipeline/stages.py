@@ -1,0 +1,60 @@
+"""The pipeline's preprocess stage: the preprocess shim plus `prepare_media`, which chains the
+encoder.
+
+`PipelinePreprocessServer` is `PreprocessServer` (its gRPC service unchanged) with one handle
+method for the ingress: an item's raw bytes in, its `MediaManifest` out. It patches the item and
+sends the patches to an encoder replica's own gRPC server (`EncoderClient`, asked with
+`keys_only`), found through the encoder deployment's handle (`grpc_endpoint`), so the patches cross
+the network once and the embeddings stay where the decoder reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from services.common.errors import UpstreamUnavailableError
+from services.pipeline.manifest import MediaManifest
+from services.pipeline.media import prepare_manifest
+from services.preprocess.core import PreprocessEngine
+from services.preprocess.media import MediaInput
+from services.preprocess.server import PreprocessServer, PreprocessSettings
+from services.preprocess.video import VideoSampling
+from services.vision_encoder.client import EncoderClients
+
+logger = logging.getLogger(__name__)
+
+
+class PipelinePreprocessServer(PreprocessServer):
+    """`shared_cache`: the encoders write a cache the decoder reads (Redis), so manifests name no
+    encoder replica; otherwise each segment names the replica that holds it."""
+
+    def __init__(
+        self,
+        settings: PreprocessSettings,
+        encoder: DeploymentHandle,
+        *,
+        shared_cache: bool,
+        encoder_token_env: str | None = None,
+        engine: PreprocessEngine | None = None,
+    ) -> None:
+        super().__init__(settings, engine)
+        self.encoder = encoder
+        self.shared_cache = shared_cache
+        self.clients = EncoderClients(encoder_token_env)
+
+    async def prepare_media(self, item: MediaInput, sampling: VideoSampling) -> MediaManifest:
+        """Handle method: one item's manifest (InvalidInputError for bad media, naming why)."""
+        endpoint = await self.encoder.grpc_endpoint.remote()
+        if not endpoint:
+            raise UpstreamUnavailableError("the encoder replica has no gRPC server (grpc_server.enabled)")
+        client = self.clients.get(endpoint)
+
+        def encode(pixel_values: Any, grid_hws: Any, hashes: list[str]) -> Any:
+            return client.encode(pixel_values, grid_hws, hashes, keys_only=True, stream=False)
+
+        where = "" if self.shared_cache else endpoint
+        return await asyncio.to_thread(prepare_manifest, self.engine, item, sampling, encode, where)
