@@ -28,7 +28,7 @@ from services.vision_encoder.entry_format import (
     is_manifest,
     join,
 )
-from services.vision_encoder.redis_cache import RedisEmbeddingCache, make_cache
+from services.vision_encoder.redis_cache import RedisEmbeddingCache, TieredEmbeddingCache, make_cache
 
 pytest_plugins = ["redis_fixtures"]
 
@@ -448,9 +448,34 @@ def test_configure_memory_sets_an_lru_cap(make_redis, raw):
 def test_make_cache_picks_the_backend(unreachable_redis_url):
     assert isinstance(make_cache(None, lru_bytes=1 << 20), LRUEmbeddingCache)
     assert isinstance(make_cache("", lru_bytes=1 << 20), LRUEmbeddingCache)
-    remote = make_cache(unreachable_redis_url, lru_bytes=1 << 20, ttl_s=60)
+    remote = make_cache(unreachable_redis_url, lru_bytes=0, ttl_s=60)
     assert isinstance(remote, RedisEmbeddingCache) and remote.ttl_s == 60
     remote.close()
+    tiered = make_cache(unreachable_redis_url, lru_bytes=1 << 20, ttl_s=60)
+    assert isinstance(tiered, TieredEmbeddingCache) and tiered.shared.ttl_s == 60
+    assert tiered.local.capacity_bytes == 1 << 20
+    tiered.close()
+
+
+def test_tiered_cache_keeps_what_redis_loses(redis_server):
+    """Writes reach both tiers; reads fill the local one; with Redis gone the local tier answers."""
+    redis_server.ensure_running()
+    tiered = make_cache(redis_server.url, lru_bytes=1 << 20, ttl_s=60, retry_after_s=0.0)
+    other = make_cache(redis_server.url, lru_bytes=1 << 20, ttl_s=60, retry_after_s=0.0)
+    a, b = torch.randn(4, 8), torch.randn(2, 8)
+    tiered.put_many([("tier:a", a)])
+    other.shared.put_many([("tier:b", b)])  # only in Redis
+    got = tiered.get_many(["tier:a", "tier:b", "tier:none"])
+    assert torch.equal(got[0], a) and torch.equal(got[1], b) and got[2] is None
+    redis_server.stop()
+    try:
+        got = tiered.get_many(["tier:a", "tier:b"])  # both now held locally
+        assert torch.equal(got[0], a) and torch.equal(got[1], b)
+        assert other.get_many(["tier:a"]) == [None] and other.stats.errors >= 1
+    finally:
+        redis_server.start()
+        tiered.close()
+        other.close()
 
 
 def test_fingerprint_covers_the_encoder_weights_and_dtype_only(tmp_path):

@@ -282,7 +282,8 @@ def test_a_misbehaving_cache_costs_a_recompute_not_a_wrong_answer(encoder, cache
 def redis_engine(encoder, url: str) -> EncoderEngine:
     from services.vision_encoder.redis_cache import make_cache
 
-    cache = make_cache(url, lru_bytes=1 << 20, ttl_s=60, socket_timeout_s=0.5, retry_after_s=0.0)
+    # Redis alone (lru_bytes 0): these tests are about what Redis holds, not the replica's own tier
+    cache = make_cache(url, lru_bytes=0, ttl_s=60, socket_timeout_s=0.5, retry_after_s=0.0)
     return make_engine(encoder, cache)
 
 

@@ -322,3 +322,20 @@ def test_health_models_and_completions(client, app):
     assert (
         completion.choices[0].finish_reason in ("length", "stop") and completion.usage.completion_tokens >= 1
     )
+
+
+def test_redis_outage_means_recomputing(client, offline, redis_server):
+    image = png(4, (150, 100))
+    warm = greedy(client, [user(image_part(image), "Before the outage.")])
+    redis_server.stop()
+    try:
+        again = greedy(
+            client, [user(image_part(image), "Before the outage.")]
+        )  # manifest and embeddings lost
+        fresh_image = png(5)
+        fresh = greedy(client, [user(image_part(fresh_image), "During the outage.")])
+    finally:
+        redis_server.start()
+    assert again.choices[0].model_extra["token_ids"] == warm.choices[0].model_extra["token_ids"]
+    _, token_ids = offline_ids(offline, "During the outage.", [fresh_image])
+    assert fresh.choices[0].model_extra["token_ids"] == token_ids

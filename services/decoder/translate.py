@@ -7,9 +7,9 @@ by its timestamp text when it has one: a video's frames). The i-th run of `<|med
 takes segment i's embeddings: inline (`Tensor` [num_tokens, text hidden], float) or a key of the
 shared embedding cache the encoder writes (Redis), read here. A key not in the cache (evicted,
 expired, never written) is INVALID_ARGUMENT saying so (NotCachedError): the caller re-encodes and
-retries; when Redis itself failed during the read it is UNAVAILABLE instead. A decoder without the
-shared cache reads keys that name an `encoder_endpoint` from that encoder replica (Encoder/Fetch),
-when it is configured to. Each segment's prefix-cache key is
+retries; when Redis itself failed during the read it is UNAVAILABLE instead. A key that names an
+`encoder_endpoint` and is not in the shared cache (or there is none) is read from that encoder
+replica (Encoder/Fetch), when the decoder is configured to. Each segment's prefix-cache key is
 its cache key, or for inline embeddings a blake2b digest of dtype, shape and bytes, so identical
 pictures share KV blocks and different ones never do.
 """
@@ -215,28 +215,40 @@ def _inline(where: str, segment: pb.EmbeddingSegment, hidden: int) -> torch.Tens
 RemoteFetch = Callable[[str, list[str]], list[torch.Tensor]]  # (encoder endpoint, keys) -> tensors
 
 
-def _read_cache(keys: list[str], cache: EmbeddingCache | None) -> dict[str, torch.Tensor]:
-    if not keys:
-        return {}
-    if cache is None:
+def _read_keys(
+    wanted: dict[str, str], cache: EmbeddingCache | None, fetch: RemoteFetch | None
+) -> dict[str, torch.Tensor]:
+    """Embeddings by cache key (`wanted`: key -> encoder endpoint, "" for none). The shared cache
+    first; what it lacks (evicted, or Redis is down) from the encoder replica named with it."""
+    keys = list(wanted)
+    if any(not wanted[k] for k in keys) and cache is None:
         raise InvalidInputError("this decoder has no embedding cache (redis_url): send embeddings inline")
-    failures = _cache_failures(cache)
-    values = cache.get_many(keys)
-    missing = [key for key, tensor in zip(keys, values, strict=True) if tensor is None]
-    if missing and _cache_failures(cache) > failures:
-        raise UpstreamUnavailableError("the embedding cache could not be read; try again shortly")
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    out: dict[str, torch.Tensor] = {}
+    failed = False
+    if cache is not None and keys:
+        failures = _cache_failures(cache)
+        out = {k: v for k, v in zip(keys, cache.get_many(keys), strict=True) if v is not None}
+        failed = _cache_failures(cache) > failures
+    missing = [k for k in keys if k not in out]
+    remote: dict[str, list[str]] = {}
+    for key in missing:
+        if wanted[key]:
+            remote.setdefault(wanted[key], []).append(key)
+    out.update(_read_remote(remote, fetch))
+    if left := [k for k in missing if not wanted[k]]:
+        if failed:
+            raise UpstreamUnavailableError("the embedding cache could not be read; try again shortly")
+        shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
         raise NotCachedError(
             f"cache_key {shown} is not in the embedding cache (evicted, expired or never written): encode "
             "the media again"
         )
-    return {key: tensor for key, tensor in zip(keys, values, strict=True) if tensor is not None}
+    return out
 
 
 def _read_remote(by_endpoint: dict[str, list[str]], fetch: RemoteFetch | None) -> dict[str, torch.Tensor]:
-    """Embeddings held by encoder replicas (Encoder/Fetch), for a decoder without the shared cache.
-    A replica that no longer holds them, or cannot be reached, is NotCachedError: encode again."""
+    """Embeddings held by encoder replicas (Encoder/Fetch). A replica that no longer holds them, or
+    cannot be reached, is NotCachedError: encode again."""
     if by_endpoint and fetch is None:
         raise InvalidInputError("this decoder does not fetch embeddings from encoders (encoder_endpoint)")
     out: dict[str, torch.Tensor] = {}
@@ -281,21 +293,18 @@ def translate(
         raise InvalidInputError("the request has no prompt (tokens or messages)")
     ids, segments, spans = (_token_prompt if kind == "tokens" else _message_prompt)(request, facts)
     inline: dict[int, torch.Tensor] = {}
-    keys: list[str] = []
-    remote: dict[str, list[str]] = {}
+    wanted: dict[str, str] = {}  # cache key -> encoder endpoint
     for i, (where, segment) in enumerate(segments):
         source = segment.WhichOneof("source")
         if source == "embeddings":
             inline[i] = _inline(where, segment, facts.hidden_size)
         elif source == "cache_key" and 0 < len(segment.cache_key) <= MAX_CACHE_KEY_CHARS:
-            held = remote.setdefault(segment.encoder_endpoint, []) if segment.encoder_endpoint else keys
-            if segment.cache_key not in held:
-                held.append(segment.cache_key)
+            wanted[segment.cache_key] = wanted.get(segment.cache_key) or segment.encoder_endpoint
         else:
             raise InvalidInputError(
                 f"{where} needs embeddings or a cache_key of 1-{MAX_CACHE_KEY_CHARS} chars"
             )
-    cached = {**_read_cache(keys, cache), **_read_remote(remote, fetch_remote)}
+    cached = _read_keys(wanted, cache, fetch_remote)
     media: list[MediaSpan] = []
     for i, ((where, segment), (offset, length)) in enumerate(zip(segments, spans, strict=True)):
         if i in inline:

@@ -87,7 +87,7 @@ def build_app(args: Mapping[str, Any]) -> Application:
             **decoder_args,
             "checkpoint_dir": checkpoint,
             "cache": {**_section(decoder_args, "cache"), "redis_url": redis_url},
-            "fetch_from_encoders": redis_url is None,
+            "fetch_from_encoders": True,  # only the ingress reaches this decoder (no proxy route)
             "encoder_token_env": token_env,
         }
     )
@@ -117,7 +117,7 @@ def build_app(args: Mapping[str, Any]) -> Application:
     ).bind(encoder)
     decoder_app = decoder_server.DecoderDeployment.options(**decoder_opts).bind(decoder)
     preprocess_app = PreprocessDeployment.options(**opts(preprocess_server.DEPLOYMENT_NAME)).bind(
-        preprocess, encoder_app, shared_cache=redis_url is not None, encoder_token_env=token_env
+        preprocess, encoder_app, encoder_token_env=token_env
     )
     ingress = IngressSettings(checkpoint, served, redis_url, frontend, preprocess)
     return ChatIngress.options(**opts(INGRESS_NAME)).bind(ingress, preprocess_app, encoder_app, decoder_app)

@@ -14,6 +14,7 @@ about Ray, HTTP or gRPC servers: the decoder call is injected.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,9 @@ class ChatPipeline:
                 logger.info("%s: embeddings gone (%s); preparing the media again", job.request_id, e)
                 await self.resolver.forget(stats.manifest_keys)
                 continue
+            except BaseException:  # cancelled (client gone, deadline) or failed: stop the decoder too
+                await asyncio.shield(_close(stream))
+                raise
             return Started(prompt_ids, _chain(first, stream), stats)
         raise InternalError("unreachable")
 

@@ -164,11 +164,11 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     stop = threading.Event()
-    _install_signal_handlers(stop)
     init: dict[str, Any] = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False}
     if args.ray_temp_dir:
         init["_temp_dir"] = args.ray_temp_dir
     ray.init(**init, log_to_driver=False)
+    _install_signal_handlers(stop)  # after ray.init, which installs its own SIGTERM handler (abort)
     try:
         _serve(args, settings, checkpoint, stop)
     except KeyboardInterrupt:

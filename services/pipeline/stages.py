@@ -29,21 +29,20 @@ logger = logging.getLogger(__name__)
 
 
 class PipelinePreprocessServer(PreprocessServer):
-    """`shared_cache`: the encoders write a cache the decoder reads (Redis), so manifests name no
-    encoder replica; otherwise each segment names the replica that holds it."""
+    """Every manifest segment names the encoder replica that holds it: the decoder's source without
+    a shared cache, and its fallback when Redis has lost the entry or is down (the encoder keeps
+    recent embeddings in process too)."""
 
     def __init__(
         self,
         settings: PreprocessSettings,
         encoder: DeploymentHandle,
         *,
-        shared_cache: bool,
         encoder_token_env: str | None = None,
         engine: PreprocessEngine | None = None,
     ) -> None:
         super().__init__(settings, engine)
         self.encoder = encoder
-        self.shared_cache = shared_cache
         self.clients = EncoderClients(encoder_token_env)
 
     async def prepare_media(self, item: MediaInput, sampling: VideoSampling) -> MediaManifest:
@@ -56,5 +55,4 @@ class PipelinePreprocessServer(PreprocessServer):
         def encode(pixel_values: Any, grid_hws: Any, hashes: list[str]) -> Any:
             return client.encode(pixel_values, grid_hws, hashes, keys_only=True, stream=False)
 
-        where = "" if self.shared_cache else endpoint
-        return await asyncio.to_thread(prepare_manifest, self.engine, item, sampling, encode, where)
+        return await asyncio.to_thread(prepare_manifest, self.engine, item, sampling, encode, endpoint)

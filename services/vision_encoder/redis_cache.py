@@ -301,15 +301,52 @@ class RedisEmbeddingCache:
         return True
 
 
+class TieredEmbeddingCache:
+    """An in-process LRU in front of Redis: reads try the LRU first (and keep what Redis returns),
+    writes go to both. The replica's recent embeddings therefore survive a Redis outage or
+    eviction, and the decoder can still fetch them from this replica (Encoder/Fetch). `stats` are
+    Redis's (its failures are what callers watch)."""
+
+    def __init__(self, local: LRUEmbeddingCache, shared: RedisEmbeddingCache) -> None:
+        self.local = local
+        self.shared = shared
+
+    @property
+    def stats(self) -> RedisCacheStats:
+        return self.shared.stats
+
+    def get_many(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
+        out = self.local.get_many(keys)
+        missing = [i for i, tensor in enumerate(out) if tensor is None]
+        if missing:
+            found = self.shared.get_many([keys[i] for i in missing])
+            for i, tensor in zip(missing, found, strict=True):
+                out[i] = tensor
+            self.local.put_many([(keys[i], t) for i, t in zip(missing, found, strict=True) if t is not None])
+        return out
+
+    def put_many(self, items: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self.local.put_many(items)
+        self.shared.put_many(items)
+
+    def configure_memory(self, max_bytes: int, policy: str = "allkeys-lru") -> bool:
+        return self.shared.configure_memory(max_bytes, policy)
+
+    def close(self) -> None:
+        self.shared.close()
+
+
 def make_cache(redis_url: str | None, *, lru_bytes: int, **redis_options: Any) -> EmbeddingCache:
-    """The encoder's cache: Redis when a URL is configured, else an in-process LRU of `lru_bytes`.
+    """The encoder's cache: an in-process LRU of `lru_bytes`, in front of Redis when a URL is
+    configured (`lru_bytes` 0: Redis alone).
 
     `redis_options` are `RedisEmbeddingCache`'s keyword arguments (ttl_s, chunk_bytes, ...), whose
     defaults live there alone.
     """
     if not redis_url:
         return LRUEmbeddingCache(lru_bytes)
-    return RedisEmbeddingCache(redis_url, **redis_options)
+    shared = RedisEmbeddingCache(redis_url, **redis_options)
+    return TieredEmbeddingCache(LRUEmbeddingCache(lru_bytes), shared) if lru_bytes > 0 else shared
 
 
 def _redact(url: str) -> str:
