@@ -22,12 +22,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from protos.kimi_vl.v1 import chat_pb2, chat_pb2_grpc, generate_pb2, preprocess_pb2
+from protos.kimi_vl.v1 import chat_pb2, chat_pb2_grpc, generate_pb2
 from services.common.checkpoint import write_checkpoint
 from services.decoder.engine import EngineConfig
 from services.decoder.params import SamplingParams
 from services.generate import OfflinePipeline
-from services.pipeline.demo import demo_video
+from services.pipeline.demo import demo_video, image_question
 
 pytest_plugins = ["services_fixtures", "redis_fixtures"]
 
@@ -271,18 +271,7 @@ def test_bad_requests_are_refused_while_a_stream_completes(client, app):
 
 
 def grpc_request(image: bytes, text: str, **sampling: object) -> chat_pb2.ChatRequest:
-    return chat_pb2.ChatRequest(
-        messages=[
-            chat_pb2.ChatMessage(
-                role=generate_pb2.ROLE_USER,
-                content=[
-                    chat_pb2.ContentPart(image=preprocess_pb2.MediaItem(data=image)),
-                    chat_pb2.ContentPart(text=text),
-                ],
-            )
-        ],
-        sampling=generate_pb2.SamplingParams(temperature=0.0, ignore_eos=True, **sampling),
-    )
+    return image_question(image, text, temperature=0.0, ignore_eos=True, **sampling)
 
 
 def test_grpc_chat_matches_http_and_maps_errors(client, app):
@@ -339,3 +328,39 @@ def test_redis_outage_means_recomputing(client, offline, redis_server):
     assert again.choices[0].model_extra["token_ids"] == warm.choices[0].model_extra["token_ids"]
     _, token_ids = offline_ids(offline, "During the outage.", [fresh_image])
     assert fresh.choices[0].model_extra["token_ids"] == token_ids
+
+
+def test_metrics_cover_every_stage(client, app):
+    image = png(6)
+    for _ in range(2):  # prepared once, then answered from the manifest
+        greedy(client, [user(image_part(image), "Metrics?")])
+
+    def seen() -> bool:
+        names = ("encoder_images_total", "media_items_prepared_total", "media_manifest_hits_total",
+                 "generation_tokens_total")  # fmt: skip
+        return all(any(v > 0 for v in metric(app, name)) for name in names)
+
+    wait_for(seen, 60, "every stage's kimi_vl_* series in /metrics")
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}{PREFIX}/metrics", timeout=30)
+        .read()
+        .decode()
+    )
+    for deployment in ("ChatIngress", "PreprocessServer", "VisionEncoderServer", "DecoderServer"):
+        assert re.search(rf'^ray_serve_[a-z_]+{{[^}}]*deployment="{deployment}"', body, re.MULTILINE), (
+            deployment
+        )
+
+
+def test_logprobs_n_and_seed_through_the_openai_client(client):
+    messages = [user(image_part(png(8)), "Two answers, please.")]
+    kwargs = {"model": MODEL, "messages": messages, "max_tokens": 6, "temperature": 1.0, "seed": 11, "n": 2,
+              "logprobs": True, "top_logprobs": 2, "extra_body": {"ignore_eos": True}}  # fmt: skip
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1]
+    for choice in first.choices:
+        assert len(choice.logprobs.content) == 6
+        assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in choice.logprobs.content)
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert first.usage.completion_tokens == 12

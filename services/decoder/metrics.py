@@ -19,20 +19,19 @@ so no Ray call ever runs on the step thread. Without a Ray instance every record
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ray.util.metrics import Counter, Gauge, Histogram
+from ray.util.metrics import Gauge, Histogram
 
+from services.common.metrics import PREFIX, TotalCounters, report_every
 from services.decoder.engine import EngineStats
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "kimi_vl_"
 TAG_KEYS = ("model_name",)
 # vLLM's buckets
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -87,10 +86,10 @@ class DecoderMetrics:
                 PREFIX + "kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).", TAG_KEYS
             ),
         }
-        self._counters = {
-            name: Counter(PREFIX + name, f"Cumulative {field.replace('_', ' ')} (tokens).", TAG_KEYS)
-            for name, field in COUNTERS.items()
-        }
+        self._counters = TotalCounters(
+            {name: f"Cumulative {field.replace('_', ' ')} (tokens)." for name, field in COUNTERS.items()},
+            self._tags,
+        )
         self._ttft = Histogram(
             PREFIX + "time_to_first_token_seconds", "Submit to first token.", TTFT_BUCKETS, TAG_KEYS
         )
@@ -100,7 +99,6 @@ class DecoderMetrics:
             TPOT_BUCKETS,
             TAG_KEYS,
         )
-        self._last = {name: 0 for name in COUNTERS}
         self._lock = threading.Lock()
         self._pending: list[tuple[bool, float]] = []  # (is first token, seconds)
         self.ttft = _Summary()
@@ -123,11 +121,7 @@ class DecoderMetrics:
         values = stats_dict(stats)
         for name, gauge in self._gauges.items():
             gauge.set(values[name], tags=self._tags)
-        for name, counter in self._counters.items():
-            delta = values[name] - self._last[name]
-            if delta > 0:
-                counter.inc(delta, tags=self._tags)
-                self._last[name] = values[name]
+        self._counters.report(values)
         with self._lock:
             pending, self._pending = self._pending, []
         for first, seconds in pending:
@@ -147,9 +141,4 @@ class DecoderMetrics:
 
     async def run(self, stats: Callable[[], EngineStats], interval_s: float) -> None:
         """Report every `interval_s` until cancelled (a failing report is logged, not fatal)."""
-        while True:
-            try:
-                self.report(stats())
-            except Exception:  # metrics must never take the replica down
-                logger.exception("reporting decoder metrics failed")
-            await asyncio.sleep(interval_s)
+        await report_every(lambda: self.report(stats()), interval_s, "decoder")

@@ -100,23 +100,26 @@ def chat_turn(client: Any, model: str, messages: list[dict[str, Any]], max_token
     )
 
 
+def image_question(image: bytes, question: str, **sampling: Any) -> Any:
+    """A kimi_vl.v1.ChatRequest: one user turn, the image then the question (SamplingParams fields)."""
+    from protos.kimi_vl.v1 import chat_pb2, generate_pb2, preprocess_pb2
+
+    content = [
+        chat_pb2.ContentPart(image=preprocess_pb2.MediaItem(data=image)),
+        chat_pb2.ContentPart(text=question),
+    ]
+    return chat_pb2.ChatRequest(
+        messages=[chat_pb2.ChatMessage(role=generate_pb2.ROLE_USER, content=content)],
+        sampling=generate_pb2.SamplingParams(**sampling),
+    )
+
+
 def grpc_turn(target: str, image: bytes, question: str, api_key: str | None) -> TurnResult:
     import grpc
 
-    from protos.kimi_vl.v1 import chat_pb2, chat_pb2_grpc, generate_pb2, preprocess_pb2
+    from protos.kimi_vl.v1 import chat_pb2_grpc
 
-    request = chat_pb2.ChatRequest(
-        messages=[
-            chat_pb2.ChatMessage(
-                role=generate_pb2.ROLE_USER,
-                content=[
-                    chat_pb2.ContentPart(image=preprocess_pb2.MediaItem(data=image)),
-                    chat_pb2.ContentPart(text=question),
-                ],
-            )
-        ],
-        sampling=generate_pb2.SamplingParams(max_new_tokens=32, temperature=0.0),
-    )
+    request = image_question(image, question, max_new_tokens=32, temperature=0.0)
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
     options = [("grpc.max_send_message_length", 64 << 20)]
     with grpc.insecure_channel(target, options=options) as channel:

@@ -39,6 +39,7 @@ from protos.kimi_vl.v1 import generate_pb2 as gen_pb
 from services.common.config import GENERATION_CONFIG_FILE, load_processor_config
 from services.common.errors import InvalidInputError, KimiVLError
 from services.common.grpc_status import set_error_status
+from services.common.metrics import TotalCounters
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.params import generation_defaults
 from services.decoder.translate import output_from_response
@@ -62,7 +63,7 @@ from services.frontend.openai_responses import (
     models_list,
     open_sse_stream,
 )
-from services.pipeline.chat import ChatJob, ChatPipeline
+from services.pipeline.chat import ChatJob, ChatPipeline, Started
 from services.pipeline.grpc_chat import chat_response, job_from_proto
 from services.pipeline.manifest import make_store
 from services.pipeline.media import MediaResolver, MediaSource
@@ -73,6 +74,11 @@ from services.preprocess.server import PreprocessSettings
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "ChatIngress"
+MEDIA_COUNTERS = {
+    "media_manifest_hits_total": "Images and videos answered from their media manifest (no media work).",
+    "media_items_prepared_total": "Images and videos decoded, patched and sent to the encoder.",
+    "media_refreshes_total": "Requests whose media were prepared again (embeddings gone from every cache).",
+}
 app = FastAPI(title="Kimi-VL", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -148,6 +154,8 @@ class ChatIngressServer:
             self._encoder_fingerprint,
         )
         self.pipeline = ChatPipeline(self.tokenizer, resolver, self._generate)
+        self.metrics = TotalCounters(MEDIA_COUNTERS, {"model_name": settings.served_model_name})
+        self._media_totals = dict.fromkeys(MEDIA_COUNTERS, 0)
 
     # --- the stages ------------------------------------------------------------------------
 
@@ -279,10 +287,19 @@ class ChatIngressServer:
         )
         return await self._answer(request, job, CompletionResponseBuilder)
 
+    async def _start(self, job: ChatJob) -> Started:
+        started = await self.pipeline.start(job)
+        totals = self._media_totals
+        totals["media_manifest_hits_total"] += started.media.manifest_hits
+        totals["media_items_prepared_total"] += started.media.prepared
+        totals["media_refreshes_total"] += int(started.media.refreshed)
+        self.metrics.report(totals)
+        return started
+
     async def _answer(
         self, request: ChatRequest | CompletionRequest, job: ChatJob, builder_cls: type[ResponseBuilder]
     ) -> Response:
-        started = await self.pipeline.start(job)
+        started = await self._start(job)
         builder = builder_cls(
             request,
             response_id=job.request_id,
@@ -315,7 +332,7 @@ class ChatIngressServer:
                 max_images=limits.max_images_per_request,
                 max_videos=limits.max_videos_per_request,
             )
-            started = await self.pipeline.start(job)
+            started = await self._start(job)
             try:
                 async for msg in started.responses:
                     yield chat_response(msg)

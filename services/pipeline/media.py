@@ -54,6 +54,7 @@ class MediaStats:
 
     manifest_hits: int = 0
     prepared: int = 0
+    refreshed: bool = False  # prepared again because the decoder found the embeddings gone
     manifest_keys: list[str] = field(default_factory=list)
 
 
@@ -97,7 +98,7 @@ class MediaResolver:
     ) -> tuple[list[MediaManifest], MediaStats]:
         """One manifest per source, in order. `refresh`: ignore stored manifests (their embeddings
         were gone) and prepare every item again."""
-        stats = MediaStats()
+        stats = MediaStats(refreshed=refresh)
         if not sources:
             return [], stats
         fingerprint = await self._fingerprint()
@@ -183,18 +184,19 @@ class MediaResolver:
 # ---------------------------------------------------------------------------------------------
 
 
-Encode = Callable[[torch.Tensor, torch.Tensor, list[str]], EncodeResult]
+# (pixel values, grids, content hashes) -> (the keys-only answer, the encoder replica's endpoint)
+Encode = Callable[[torch.Tensor, torch.Tensor, list[str]], tuple[EncodeResult, str]]
 
 
 def prepare_manifest(
-    engine: PreprocessEngine, item: MediaInput, sampling: VideoSampling, encode: Encode, endpoint: str
+    engine: PreprocessEngine, item: MediaInput, sampling: VideoSampling, encode: Encode
 ) -> MediaManifest:
-    """Decode, patch and encode one item (blocking); `encode` calls the encoder with keys only.
-    `endpoint`: where the embeddings stay, for a decoder without the shared cache ("" with one)."""
+    """Decode, patch and encode one item (blocking); `encode` calls an encoder replica with keys
+    only and says which one, where the embeddings stay (the decoder's source without Redis)."""
     (processed,) = engine.process([item], sampling)
     pixel_values, grid_hws = concat_items([processed])
     hashes = processed.encoder_hashes()
-    result = encode(pixel_values, grid_hws, hashes)
+    result, endpoint = encode(pixel_values, grid_hws, hashes)
     if len(result.images) != len(hashes):
         raise InternalError(f"the encoder answered {len(result.images)} images for {len(hashes)}")
     stamps = [f.timestamp for f in processed.frames] or [""]

@@ -4,8 +4,8 @@ encoder.
 `PipelinePreprocessServer` is `PreprocessServer` (its gRPC service unchanged) with one handle
 method for the ingress: an item's raw bytes in, its `MediaManifest` out. It patches the item and
 sends the patches to an encoder replica's own gRPC server (`EncoderClient`, asked with
-`keys_only`), found through the encoder deployment's handle (`grpc_endpoint`), so the patches cross
-the network once and the embeddings stay where the decoder reads them.
+`keys_only`), leased through the encoder deployment's handle, so the patches cross the network
+once, the embeddings stay where the decoder reads them, and Serve still sees the encoder's load.
 """
 
 from __future__ import annotations
@@ -46,13 +46,28 @@ class PipelinePreprocessServer(PreprocessServer):
         self.clients = EncoderClients(encoder_token_env)
 
     async def prepare_media(self, item: MediaInput, sampling: VideoSampling) -> MediaManifest:
-        """Handle method: one item's manifest (InvalidInputError for bad media, naming why)."""
-        endpoint = await self.encoder.grpc_endpoint.remote()
-        if not endpoint:
-            raise UpstreamUnavailableError("the encoder replica has no gRPC server (grpc_server.enabled)")
-        client = self.clients.get(endpoint)
+        """Handle method: one item's manifest (InvalidInputError for bad media, naming why).
+
+        The encoder replica is chosen by Serve through a lease (`VisionEncoderServer.lease`), held
+        while its gRPC server encodes, so Serve counts that work against the replica."""
+        lease = None
 
         def encode(pixel_values: Any, grid_hws: Any, hashes: list[str]) -> Any:
-            return client.encode(pixel_values, grid_hws, hashes, keys_only=True, stream=False)
+            endpoint = asyncio.run_coroutine_threadsafe(acquire(), loop).result()
+            client = self.clients.get(endpoint)
+            return client.encode(pixel_values, grid_hws, hashes, keys_only=True, stream=False), endpoint
 
-        return await asyncio.to_thread(prepare_manifest, self.engine, item, sampling, encode, endpoint)
+        async def acquire() -> str:
+            nonlocal lease
+            lease = self.encoder.options(stream=True).lease.remote()
+            try:
+                return await lease.__anext__()
+            except StopAsyncIteration:
+                raise UpstreamUnavailableError("the encoder replica closed its lease") from None
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.to_thread(prepare_manifest, self.engine, item, sampling, encode)
+        finally:
+            if lease is not None:
+                lease.cancel()

@@ -37,6 +37,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ from services.common import tensor_codec
 from services.common.devices import resolve_device, resolve_dtype
 from services.common.errors import InvalidInputError
 from services.common.grpc_status import set_error_status
+from services.common.metrics import TotalCounters, report_every
 from services.common.settings import check_dtype_name, known_fields
 from services.vision_encoder.batching import EncodeBatcher
 from services.vision_encoder.engine import (
@@ -82,7 +84,19 @@ GRPC_SERVICER_FUNCTION = "protos.kimi_vl.v1.encode_pb2_grpc.add_EncoderServicer_
 DEPLOYMENT_NAME = "VisionEncoderServer"
 DEFAULT_NUM_CPUS = 1.0
 DEFAULT_MAX_ONGOING_REQUESTS = 16
+LEASE_MAX_S = 600.0  # a lease its caller forgot ends by itself
 DEFAULT_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4}
+# counter (kimi_vl_encoder_<name>_total) -> help; each follows EncoderCounters.<name>
+ENCODER_COUNTERS = {
+    "requests": "Encode calls.",
+    "images": "Images and video frames asked for.",
+    "cache_hits": "Images and frames answered from the embedding cache.",
+    "images_encoded": "Images and frames run through MoonViT.",
+    "patches_encoded": "14x14 patches run through MoonViT.",
+    "forward_passes": "MoonViT forward passes (packed batches).",
+    "fetched": "Embeddings handed out by cache key (Fetch).",
+    "fetch_misses": "Fetch calls refused because a key was not held.",
+}
 _HASH = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _PIXEL_DTYPES = {"float32", "float16", "bfloat16"}
 _GRID_DTYPES = {"int64", "int32"}
@@ -113,6 +127,7 @@ class EncoderSettings:
     max_request_patches: int = 262_144  # 64 frames of 4096 patches
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # stream piece size through Serve's proxy
     trust_content_hashes: bool = True  # False: keys come from the patches themselves (see below)
+    metrics_interval_s: float = 1.0  # the kimi_vl_encoder_* counters follow the engine's this often
     cache: CacheSettings = field(default_factory=CacheSettings)
     grpc_server: GrpcServerSettings = field(default_factory=GrpcServerSettings)  # the replica's own
 
@@ -219,10 +234,16 @@ class VisionEncoderServer:
         )
         self.grpc_server: EncoderGrpcServer | None = None
         self._grpc_started: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None
+        self.metrics = TotalCounters(
+            {f"encoder_{name}_total": text for name, text in ENCODER_COUNTERS.items()},
+            {"model_name": Path(settings.checkpoint_dir).name},
+        )
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop to serve on: Serve's proxy and handles only
+        self._reporter = loop.create_task(report_every(self._report, settings.metrics_interval_s, "encoder"))
         if settings.grpc_server.enabled:
             self.grpc_server = EncoderGrpcServer(self, settings.grpc_server, node_ip=_node_ip)
             self._grpc_started = loop.create_task(self.grpc_server.start())
@@ -291,6 +312,21 @@ class VisionEncoderServer:
         await asyncio.shield(self._grpc_started)
         return self.grpc_server.endpoint
 
+    def _report(self) -> None:
+        counts = self.engine.counters.as_dict()
+        self.metrics.report({f"encoder_{name}_total": counts[name] for name in ENCODER_COUNTERS})
+
+    async def lease(self, max_s: float = LEASE_MAX_S) -> AsyncIterator[str]:
+        """Handle method (`stream=True`) for callers of this replica's own gRPC server: yields its
+        endpoint, then stays open until the caller cancels it (or `max_s` passes). While open it
+        is an ongoing request of this replica, so Serve's routing, `max_ongoing_requests` and
+        autoscaling see work that arrives over gRPC and not through Serve."""
+        endpoint = await self.grpc_endpoint()
+        if endpoint is None:
+            raise InvalidInputError("this encoder replica has no gRPC server (grpc_server.enabled)")
+        yield endpoint
+        await asyncio.sleep(max_s)
+
     async def fingerprint(self) -> str:
         """The weights' fingerprint, part of every cache key this replica writes."""
         return self.engine.fingerprint
@@ -307,6 +343,8 @@ class VisionEncoderServer:
 
     async def shutdown(self, grace_s: float | None = 5.0) -> None:
         """Stop the replica's gRPC server (in-flight calls get `grace_s` to finish)."""
+        if self._reporter is not None:
+            self._reporter.cancel()
         server, self.grpc_server = self.grpc_server, None
         if server is not None:
             await server.stop(grace_s)
