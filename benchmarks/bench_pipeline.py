@@ -18,6 +18,7 @@ transformers one request at a time as the baseline, in one run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -201,7 +202,7 @@ def _throughput_level(url: str, images: list[bytes], folder: Path, n: int, max_t
             for outcome in outcomes:
                 results.extend(outcome)
             duration = time.perf_counter() - start
-        return summarize_level(n, results, duration, planned=n, turns=1).to_json()
+        return dataclasses.asdict(summarize_level(n, results, duration, planned=n, turns=1))
 
     return asyncio.run(run())
 
