@@ -3,13 +3,14 @@ transformers one request at a time as the baseline, in one run.
 
     python benchmarks/bench_pipeline.py --preset mid --dtype float32 --json /tmp/bench_pipeline.json
 
-1. Baseline: `--baseline-requests` requests one at a time, each as a server without batching would
-   do it: decode the PNG, our processor and MoonViT (transformers has no MoonViT), then
-   transformers' `DeepseekV3ForCausalLM.generate` on the prompt's embeddings (greedy,
+1. Baseline: `--baseline-requests` requests one at a time (after one untimed), each as a server
+   without batching would do it: decode the PNG, our processor and MoonViT (transformers has none),
+   then transformers' `DeepseekV3ForCausalLM.generate` on the prompt's embeddings (greedy,
    `--max-tokens` new tokens). Its throughput is generated tokens / wall time, at 1 torch thread.
-2. `kimi-vl serve` in a subprocess (a private local Ray on 127.0.0.1), then `kimi-vl bench`:
-   - second turns: `--ttft-conversations` 2-turn conversations at concurrency 1 about a
-     `--image-size`² image; turn 2 resends the image with the history (TTFT turn 1 / turn 2);
+2. `kimi-vl serve` in a subprocess (a private local Ray on 127.0.0.1), then `kimi-vl bench`'s runner:
+   - second turns (after one untimed conversation): `--ttft-conversations` 2-turn conversations
+     at concurrency 1 about a `--image-size`² image; turn 2 resends the image with the history
+     (TTFT turn 1 / turn 2);
    - throughput: `--concurrency` levels, each with as many 1-turn requests as clients, every
      request with its own `--throughput-image-size`² image (no media cache hits across requests).
 3. One table: each figure as a ratio against the baseline of the same run.
@@ -62,7 +63,7 @@ def baseline(checkpoint: Path, dtype: torch.dtype, images: list[bytes], max_toke
         hf = load_hf_decoder(export_hf_decoder(checkpoint, tmp, eos=False), dtype)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     ttfts, walls = [], []
-    for data in images:
+    for i, data in enumerate([images[0], *images]):  # the first, untimed: weights paged in, caches warm
         start = time.perf_counter()
         picture = Image.open(io.BytesIO(data))
         picture.load()
@@ -74,6 +75,8 @@ def baseline(checkpoint: Path, dtype: torch.dtype, images: list[bytes], max_toke
             max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
             streamer=streamer,
         )  # fmt: skip
+        if i == 0:
+            continue
         walls.append(time.perf_counter() - start)
         ttfts.append(streamer.times[0] - start if streamer.times else walls[-1])
     return {
@@ -111,20 +114,6 @@ class Server:
         self.proc.wait(timeout=120)
 
 
-def bench(url: str, image: Path | None, out: Path, *, concurrency: list[int], requests: int, turns: int,
-          max_tokens: int, shared_prefix: bool = False) -> dict:  # fmt: skip
-    argv = [sys.executable, "-m", "services.cli", "bench", "--url", url, "--concurrency",
-            *map(str, concurrency), "--num-requests", str(requests), "--turns", str(turns),
-            "--max-tokens", str(max_tokens), "--ignore-eos", "--warmup", "0", "--no-progress",
-            "--json", str(out)]  # fmt: skip
-    if image is not None:
-        argv += ["--image", str(image)]
-    if shared_prefix:
-        argv.append("--shared-prefix")
-    subprocess.run(argv, check=True, stdout=sys.stderr)
-    return json.loads(out.read_text())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -144,24 +133,27 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     checkpoint = write_checkpoint(work / args.preset, preset=args.preset, dtype=DTYPES[args.dtype])
-    big = work / "image.png"
-    big.write_bytes(demo_image(args.image_size))
+    bigs = [variant(demo_image(args.image_size), k) for k in range(args.ttft_conversations)]
     small = [noise_png(1000 + i, args.throughput_image_size) for i in range(max(args.concurrency, default=1))]
     print(f"baseline: {args.baseline_requests} requests one at a time", file=sys.stderr, flush=True)
     base = baseline(checkpoint, DTYPES[args.dtype], small[: args.baseline_requests], args.max_tokens)
     server = Server(checkpoint, args.http_port, args.grpc_port)
     try:
         server.wait_ready()
-        turns = bench(server.url, big, work / "turns.json", concurrency=[1], requests=args.ttft_conversations,
-                      turns=2, max_tokens=args.max_tokens)  # fmt: skip
-        levels = []
-        for i, n in enumerate(args.concurrency):
-            # a distinct image per request: write them as one file each, sent by one conversation each
-            level = _throughput_level(server.url, small[:n], work / f"level{i}", n, args.max_tokens)
-            levels.append(level)
+        warm = [noise_png(999, args.throughput_image_size)]
+        run_level(server.url, warm, work / "warm", concurrency=1, turns=1, max_tokens=args.max_tokens)
+        turns = run_level(
+            server.url, bigs, work / "turns", concurrency=1, turns=2, max_tokens=args.max_tokens
+        )
+        levels = [
+            run_level(
+                server.url, small[:n], work / f"level{n}", concurrency=n, turns=1, max_tokens=args.max_tokens
+            )
+            for n in args.concurrency
+        ]
     finally:
         server.stop()
-    report = {"preset": args.preset, "dtype": args.dtype, "baseline": base, "second_turn": turns["levels"][0],
+    report = {"preset": args.preset, "dtype": args.dtype, "baseline": base, "second_turn": turns,
               "throughput": levels, "max_tokens": args.max_tokens,
               "image_size": args.image_size, "throughput_image_size": args.throughput_image_size}  # fmt: skip
     _print(report)
@@ -169,40 +161,53 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
-def _throughput_level(url: str, images: list[bytes], folder: Path, n: int, max_tokens: int) -> dict:
-    """n clients at once, each asking about its own image (so no media or prefix sharing)."""
+def variant(png: bytes, k: int) -> bytes:
+    """The picture with a small square of its own colour: other bytes and pixels, same size."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image.paste(
+        (37 * k % 256, 91 * k % 256, 53 * k % 256), (8 * k % image.width, 0, 8 * k % image.width + 8, 8)
+    )
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def run_level(
+    url: str, images: list[bytes], folder: Path, *, concurrency: int, turns: int, max_tokens: int
+) -> dict:
+    """One conversation per image (no media cache hits between conversations), `concurrency` at a
+    time, each `turns` turns, timed by `kimi-vl bench`'s own runner and summary."""
     import asyncio
 
+    from openai import AsyncOpenAI
+
+    from services.bench.command import image_data_url
     from services.bench.loadgen import BenchConfig, LoadRunner, fetch_model, summarize_level
 
     folder.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for i, data in enumerate(images):
+        (folder / f"{i}.png").write_bytes(data)
+        urls.append(image_data_url(folder / f"{i}.png"))
 
     async def run() -> dict:
-        from openai import AsyncOpenAI
-
-        from services.bench.command import image_data_url
-
-        paths = []
-        for i, data in enumerate(images):
-            path = folder / f"{i}.png"
-            path.write_bytes(data)
-            paths.append(path)
+        gate = asyncio.Semaphore(concurrency)
         async with AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=3600, max_retries=0) as client:
             model = await fetch_model(client)
-            results, start = [], time.perf_counter()
-            configs = [
-                BenchConfig(url=url, max_tokens=max_tokens, ignore_eos=True, progress=False, warmup=0,
-                            image_url=image_data_url(p))
-                for p in paths
-            ]  # fmt: skip
-            runners = [LoadRunner(client, config, model) for config in configs]
-            outcomes = await asyncio.gather(
-                *(r.conversation(i, lambda _: None) for i, r in enumerate(runners))
-            )
-            for outcome in outcomes:
-                results.extend(outcome)
+            config = BenchConfig(url=url, turns=turns, max_tokens=max_tokens, ignore_eos=True, progress=False)
+
+            async def one(i: int) -> list:
+                async with gate:
+                    runner = LoadRunner(client, dataclasses.replace(config, image_url=urls[i]), model)
+                    return await runner.conversation(i, lambda _: None)
+
+            start = time.perf_counter()
+            outcomes = await asyncio.gather(*(one(i) for i in range(len(urls))))
             duration = time.perf_counter() - start
-        return dataclasses.asdict(summarize_level(n, results, duration, planned=n, turns=1))
+        results = [r for outcome in outcomes for r in outcome]
+        return dataclasses.asdict(
+            summarize_level(concurrency, results, duration, planned=len(urls) * turns, turns=turns)
+        )
 
     return asyncio.run(run())
 
