@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,12 +16,13 @@ from PIL import Image
 
 from protos.kimi_vl.v1 import chat_pb2, generate_pb2, preprocess_pb2
 from services.common.config import ProcessorConfig, load_processor_config
-from services.common.errors import InvalidInputError, NotCachedError
+from services.common.errors import InvalidInputError, NotCachedError, status_for
 from services.decoder.params import SamplingParams
 from services.frontend.openai_protocol import ProtocolError
+from services.frontend.openai_responses import error_body
+from services.pipeline.access import AccessPolicy, UnauthorizedError, is_loopback, peer_host
 from services.pipeline.chat import ChatJob, ChatPipeline
 from services.pipeline.grpc_chat import chat_response, job_from_proto
-from services.pipeline.ingress import ChatIngressServer, _is_loopback, _peer_host
 from services.pipeline.local import app_args
 from services.pipeline.manifest import (
     LRUManifestStore,
@@ -276,30 +278,21 @@ def test_grpc_request_becomes_a_job_and_responses_map_back():
 # --- access ------------------------------------------------------------------------------------
 
 
-def ingress(api_key: str | None, allow_remote: bool = False) -> ChatIngressServer:
-    from services.pipeline.ingress import FrontendSettings
-
-    server = ChatIngressServer.__new__(ChatIngressServer)  # the rules only: no stages, no model
-    server.api_key = api_key
-    server.settings = argparse.Namespace(frontend=FrontendSettings(allow_unauthenticated_remote=allow_remote))
-    return server
-
-
 def test_access_rules():
-    keyed = ingress("s3cret")
-    keyed._authorize("Bearer s3cret", "10.1.2.3")
+    keyed = AccessPolicy("s3cret")
+    keyed.check("Bearer s3cret", "10.1.2.3")
     for header in (None, "Bearer wrong", "s3cret", "Basic s3cret"):
-        with pytest.raises(ProtocolError) as info:
-            keyed._authorize(header, "127.0.0.1")
-        assert info.value.http_status == 401
-    open_local = ingress(None)
-    open_local._authorize(None, "127.0.0.1")
-    open_local._authorize(None, "::1")
-    with pytest.raises(ProtocolError, match="loopback"):
-        open_local._authorize(None, "10.1.2.3")
-    ingress(None, allow_remote=True)._authorize(None, "10.1.2.3")
-    assert _peer_host("ipv4:127.0.0.1:5000") == "127.0.0.1" and _peer_host("ipv6:[::1]:5000") == "::1"
-    assert _is_loopback("127.0.0.1") and not _is_loopback("192.168.0.1") and not _is_loopback(None)
+        with pytest.raises(UnauthorizedError) as info:
+            keyed.check(header, "127.0.0.1")
+        assert error_body(info.value)[0] == 401 and status_for(info.value) == (401, "UNAUTHENTICATED")
+    open_local = AccessPolicy(None)
+    open_local.check(None, "127.0.0.1")
+    open_local.check(None, "::1")
+    with pytest.raises(UnauthorizedError, match="loopback"):
+        open_local.check(None, "10.1.2.3")
+    AccessPolicy(None, allow_unauthenticated_remote=True).check(None, "10.1.2.3")
+    assert peer_host("ipv4:127.0.0.1:5000") == "127.0.0.1" and peer_host("ipv6:[::1]:5000") == "::1"
+    assert is_loopback("127.0.0.1") and not is_loopback("192.168.0.1") and not is_loopback(None)
 
 
 # --- metrics and settings ----------------------------------------------------------------------
@@ -327,3 +320,22 @@ def test_serve_settings_from_a_config_file_and_flags(tmp_path):
     placement = out["deployment_options"]
     assert placement["DecoderServer"]["ray_actor_options"]["num_cpus"] == 3
     assert placement["PreprocessServer"]["autoscaling_config"]["min_replicas"] == 1
+
+
+def test_pipeline_yaml_args_build_the_application(tiny_root, monkeypatch):
+    """cluster/pipeline.yaml's args as written build the app (only the checkpoint and device swapped
+    for this machine); without the API key's variable the build fails rather than serve openly."""
+    import yaml
+
+    from services.pipeline import build_app
+
+    app = next(a for a in yaml.safe_load(Path("cluster/pipeline.yaml").read_text())["applications"])
+    args = {**app["args"], "checkpoint_dir": str(tiny_root)}
+    for stage in ("encoder", "decoder"):
+        args[stage] = {**args[stage], "device": "cpu", "dtype": "float32"}
+    monkeypatch.delenv("KIMI_VL_API_KEY", raising=False)
+    with pytest.raises(InvalidInputError, match="KIMI_VL_API_KEY"):
+        build_app(args)
+    monkeypatch.setenv("KIMI_VL_API_KEY", "k" * 32)
+    monkeypatch.setenv("KIMI_VL_ENCODER_TOKEN", "t" * 32)
+    assert build_app(args) is not None

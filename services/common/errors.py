@@ -25,6 +25,10 @@ class CheckpointError(KimiVLError, ValueError):
     """A checkpoint directory is incomplete or inconsistent (missing/contradictory keys or weights)."""
 
 
+class UnauthenticatedError(KimiVLError):
+    """The caller did not prove who it is (a missing or wrong API key)."""
+
+
 class CapacityError(KimiVLError):
     """The request is valid but exceeds what this deployment can hold right now (KV blocks, queue).
 
@@ -52,6 +56,7 @@ class InternalError(KimiVLError):
 # error class -> (HTTP status, gRPC status code name)
 STATUS_BY_ERROR: dict[type[KimiVLError], tuple[int, str]] = {
     InvalidInputError: (400, "INVALID_ARGUMENT"),
+    UnauthenticatedError: (401, "UNAUTHENTICATED"),
     CheckpointError: (500, "FAILED_PRECONDITION"),
     CapacityError: (429, "RESOURCE_EXHAUSTED"),
     DeadlineExceededError: (504, "DEADLINE_EXCEEDED"),

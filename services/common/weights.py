@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ from services.common.errors import CheckpointError
 
 if TYPE_CHECKING:
     from services.common.config import KimiVLConfig
+    from services.decoder.expert_parallel import EPContext
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,20 @@ def _custom_load(module: nn.Module, name: str) -> Callable[[torch.Tensor], None]
     return load
 
 
-def _module_targets(model: nn.Module, prefix: str) -> dict[str, _Target]:
-    """Checkpoint key -> how to load it, for every weight the model holds."""
+@dataclass
+class LoadStats:
+    """What `load_weights` read from the checkpoint."""
+
+    tensors: int = 0
+    bytes: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+def _module_targets(model: nn.Module, prefix: str) -> tuple[dict[str, _Target], set[str]]:
+    """Checkpoint key -> how to load it, for every weight the model holds; and the keys a module
+    declares present but not its to load (`skipped_checkpoint_keys`: another rank's experts)."""
     targets: dict[str, _Target] = {}
+    skipped: set[str] = set()
     custom_roots: list[str] = []
     seen: set[int] = set()  # tied weights are loaded once, under their first name
     for mod_name, mod in model.named_modules():
@@ -92,6 +104,8 @@ def _module_targets(model: nn.Module, prefix: str) -> dict[str, _Target]:
             custom_roots.append(path)
             for key in mod.checkpoint_keys():
                 targets[prefix + path + key] = _Target(None, _custom_load(mod, key))
+            skip = getattr(mod, "skipped_checkpoint_keys", None)
+            skipped.update(prefix + path + key for key in (skip() if skip is not None else ()))
             continue
         persistent = [
             (n, b) for n, b in mod.named_buffers(recurse=False) if n not in mod._non_persistent_buffers_set
@@ -101,7 +115,7 @@ def _module_targets(model: nn.Module, prefix: str) -> dict[str, _Target]:
                 continue
             seen.add(id(tensor))
             targets[prefix + path + name] = _Target(tuple(tensor.shape), _copy_into(mod, name))
-    return targets
+    return targets, skipped
 
 
 def _listing(title: str, keys: list[str]) -> str:
@@ -111,11 +125,15 @@ def _listing(title: str, keys: list[str]) -> str:
 
 
 def _validate(
-    targets: dict[str, _Target], weight_map: dict[str, Path], scope: tuple[str, ...], checkpoint_dir: Path
+    targets: dict[str, _Target],
+    skipped: set[str],
+    weight_map: dict[str, Path],
+    scope: tuple[str, ...],
+    checkpoint_dir: Path,
 ) -> None:
     available = {k for k in weight_map if k.startswith(scope)}
-    missing = sorted(set(targets) - available)
-    unexpected = sorted(available - set(targets))
+    missing = sorted((set(targets) | skipped) - available)
+    unexpected = sorted(available - set(targets) - skipped)
     wrong: list[str] = []
     for path in sorted({weight_map[k] for k in set(targets) & available}):
         with safe_open(path, framework="pt") as f:
@@ -156,8 +174,10 @@ def load_weights(
     scope: tuple[str, ...] | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    stats: LoadStats | None = None,
 ) -> nn.Module:
-    """Fill `model` (built on the meta device) with the checkpoint's weights.
+    """Fill `model` (built on the meta device) with the checkpoint's weights (`stats`: counts what
+    was read).
 
     The model's parameter names are the checkpoint keys after `prefix`. `scope` lists the key
     prefixes the model covers (default: `prefix`, i.e. everything when it is empty); keys outside
@@ -167,8 +187,8 @@ def load_weights(
     """
     root = Path(checkpoint_dir)
     weight_map = checkpoint_weight_map(root)
-    targets = _module_targets(model, prefix)
-    _validate(targets, weight_map, scope if scope is not None else (prefix,), root)
+    targets, skipped = _module_targets(model, prefix)
+    _validate(targets, skipped, weight_map, scope if scope is not None else (prefix,), root)
     model.to_empty(device=device)
     keys = sorted(targets, key=lambda k: (str(weight_map[k]), k))
     handles: dict[Path, object] = {}
@@ -178,9 +198,14 @@ def load_weights(
             if path not in handles:
                 handles[path] = stack.enter_context(safe_open(path, framework="pt"))
             try:
-                targets[key].load(handles[path].get_tensor(key))  # type: ignore[attr-defined]
+                tensor = handles[path].get_tensor(key)  # type: ignore[attr-defined]
+                targets[key].load(tensor)
             except (RuntimeError, ValueError) as e:
                 raise CheckpointError(f"cannot load {key} from {path.name}: {e}") from e
+            if stats is not None:
+                stats.tensors += 1
+                stats.bytes += tensor.numel() * tensor.element_size()
+                stats.keys.append(key)
     model.eval()
     return model
 
@@ -209,6 +234,7 @@ def build_and_load(
     prefix: str = "",
     scope: tuple[str, ...] | None = None,
     progress: bool = False,
+    stats: LoadStats | None = None,
 ) -> nn.Module:
     """Parse the checkpoint's config, build `build(config)` on the meta device, load its weights."""
     from services.common.config import load_config
@@ -216,7 +242,9 @@ def build_and_load(
     cfg = load_config(checkpoint_dir)
     with meta_build(dtype):
         model = build(cfg)
-    return load_weights(model, checkpoint_dir, prefix=prefix, scope=scope, device=device, progress=progress)
+    return load_weights(
+        model, checkpoint_dir, prefix=prefix, scope=scope, device=device, progress=progress, stats=stats
+    )
 
 
 def load_text_model(
@@ -225,11 +253,21 @@ def load_text_model(
     device: torch.device | str = "cpu",
     *,
     progress: bool = False,
+    ep: EPContext | None = None,
+    stats: LoadStats | None = None,
 ) -> nn.Module:
-    """The decoder (`language_model.*` weights) of a Kimi-VL checkpoint."""
+    """The decoder (`language_model.*` weights) of a Kimi-VL checkpoint. With `ep`, this rank's
+    share of it: every MoE layer holds (and reads from disk) only the rank's routed experts."""
     from services.decoder.model import DecoderForCausalLM
 
+    def build(cfg: KimiVLConfig) -> nn.Module:
+        model = DecoderForCausalLM(cfg.text_config)
+        if ep is None:
+            return model
+        from services.decoder.expert_parallel import shard_experts
+
+        return shard_experts(model, ep)
+
     return build_and_load(
-        lambda cfg: DecoderForCausalLM(cfg.text_config),
-        checkpoint_dir, dtype, device, prefix="language_model.", progress=progress,
-    )  # fmt: skip
+        build, checkpoint_dir, dtype, device, prefix="language_model.", progress=progress, stats=stats
+    )

@@ -14,8 +14,6 @@ every interface whatever the config says, so the check has to live here.
 """
 
 import asyncio
-import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -63,6 +61,7 @@ from services.frontend.openai_responses import (
     models_list,
     open_sse_stream,
 )
+from services.pipeline.access import AccessPolicy, peer_host
 from services.pipeline.chat import ChatJob, ChatPipeline, Started
 from services.pipeline.grpc_chat import chat_response, job_from_proto
 from services.pipeline.manifest import make_store
@@ -111,17 +110,6 @@ class IngressSettings:
     preprocess: PreprocessSettings
 
 
-class _Unauthorized(ProtocolError):
-    http_status = 401
-
-
-def _is_loopback(host: str | None) -> bool:
-    try:
-        return host is not None and ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 class ChatIngressServer:
     """The ingress replica (HTTP routes through `app`, gRPC methods by name); Serve builds it with
     handles of the three stages. A plain module-level class, so replicas import it by name."""
@@ -138,7 +126,10 @@ class ChatIngressServer:
         self.decoder = decoder
         self.encoder = encoder
         self.preprocess = preprocess
-        self.api_key = settings.frontend.resolved_api_key()
+        self.access = AccessPolicy(
+            settings.frontend.resolved_api_key(),
+            allow_unauthenticated_remote=settings.frontend.allow_unauthenticated_remote,
+        )
         root = Path(settings.checkpoint_dir)
         self.tokenizer = KimiTokenizer.from_pretrained(root)
         path = root / GENERATION_CONFIG_FILE
@@ -226,21 +217,7 @@ class ChatIngressServer:
 
     def _authorize_http(self, request: Request) -> None:
         client = request.client.host if request.client else None
-        self._authorize(request.headers.get("authorization"), client)
-
-    def _authorize(self, header: str | None, client_host: str | None) -> None:
-        if self.api_key is not None:
-            scheme, _, token = (header or "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self.api_key.encode()
-            ):
-                raise _Unauthorized(
-                    "a valid API key is required (Authorization: Bearer <key>)", code="invalid_api_key"
-                )
-        elif not self.settings.frontend.allow_unauthenticated_remote and not _is_loopback(client_host):
-            raise _Unauthorized(
-                "this server has no API key and serves loopback clients only", code="invalid_api_key"
-            )
+        self.access.check(request.headers.get("authorization"), client)
 
     async def _json_body(self, request: Request) -> Any:
         limit = self.settings.frontend.max_body_bytes
@@ -340,15 +317,9 @@ class ChatIngressServer:
                 await started.responses.aclose()  # type: ignore[attr-defined]
         except Exception as e:  # the service edge
             error = _cause(e)
-            if isinstance(error, _Unauthorized) and grpc_context is not None:
-                import grpc
-
-                grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
-                grpc_context.set_details(str(error))
-            else:
-                if isinstance(error, ProtocolError) and error.param:  # say where, as HTTP's `param` does
-                    error = InvalidInputError(f"{error.param}: {error}")
-                set_error_status(error, grpc_context, logger, "chat")
+            if isinstance(error, ProtocolError) and error.param:  # say where, as HTTP's `param` does
+                error = InvalidInputError(f"{error.param}: {error}")
+            set_error_status(error, grpc_context, logger, "chat")
             raise error from None
 
     async def Check(  # noqa: N802 — grpc.health.v1.Health
@@ -379,7 +350,7 @@ class ChatIngressServer:
         if grpc_context is None:
             return  # a handle call from inside the cluster
         metadata = dict(grpc_context.invocation_metadata())
-        self._authorize(metadata.get("authorization"), _peer_host(grpc_context.peer()))
+        self.access.check(metadata.get("authorization"), peer_host(grpc_context.peer()))
 
     # --- health ----------------------------------------------------------------------------
 
@@ -435,14 +406,3 @@ def _cause(error: BaseException) -> BaseException:
     while isinstance(error, RayTaskError) and error.cause is not None:
         error = error.cause
     return error
-
-
-def _peer_host(peer: str | None) -> str | None:
-    """The host of a gRPC peer string: "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:..."."""
-    if not peer:
-        return None
-    scheme, _, rest = peer.partition(":")
-    if scheme == "unix":
-        return "127.0.0.1"
-    host = rest.rsplit(":", 1)[0] if scheme in ("ipv4", "ipv6") else rest
-    return host.strip("[]")

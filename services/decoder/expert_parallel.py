@@ -1,0 +1,148 @@
+"""Expert parallelism: the routed experts of every MoE layer sharded over the ranks of a group.
+
+Rank r of N holds experts [r·E/N, (r+1)·E/N) and loads only those from the checkpoint. Each rank
+routes its own tokens, then every MoE layer runs
+
+    route (local) ─dispatch: all_to_all_single of the (token, slot) rows, grouped by owner rank→
+    owner's experts (grouped GEMM, K = 1 per row) ─combine: the inverse all_to_all_single→
+    Σ_k w[t,k] · row[t,k] in fp32 (local)
+
+so a token's hidden state crosses the interconnect once per chosen expert that another rank
+owns, and comes back once. Attention, the dense layers and the shared experts stay local: they run
+on each rank's own tokens (data-parallel attention).
+
+The collectives are `torch.distributed` (NCCL on GPU, gloo on CPU) on the group in `EPContext`,
+an explicit argument: nothing here is process-global. Every rank must call every MoE layer the
+same number of times per step; a rank without tokens calls it with an empty batch. Knows nothing
+about scheduling, Ray or serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from services.common.errors import CheckpointError
+from services.decoder.moe import FusedExperts
+
+
+@dataclass(frozen=True)
+class EPContext:
+    """Where this process sits in its expert-parallel group. `group` None: the default group."""
+
+    rank: int
+    size: int
+    group: dist.ProcessGroup | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank {self.rank} outside an EP group of {self.size}")
+
+    def experts(self, num_experts: int) -> range:
+        """The routed experts this rank owns."""
+        if num_experts % self.size:
+            raise CheckpointError(f"{num_experts} routed experts do not divide over {self.size} EP ranks")
+        per = num_experts // self.size
+        return range(self.rank * per, (self.rank + 1) * per)
+
+
+@dataclass
+class DispatchStats:
+    """What the last dispatch moved (for benchmarks and the expert-load metrics)."""
+
+    rows_sent: int = 0  # (token, slot) rows this rank sent to other ranks
+    rows_received: int = 0  # rows other ranks sent here
+    bytes_moved: int = 0  # payload bytes this rank sent, both directions (dispatch + combine)
+    rows_per_expert: torch.Tensor | None = None  # [E/N] rows each local expert computed
+
+
+class ShardedExperts(FusedExperts):
+    """The experts one rank owns, fused as `FusedExperts` stores them ([E/N, 2I, H], [E/N, H, I]);
+    `forward` takes the rank's routing over all E experts and runs the dispatch/combine above.
+
+    Checkpoint keys are the global per-expert names; keys of other ranks' experts are declared in
+    `skipped_checkpoint_keys` (present in the checkpoint, loaded elsewhere).
+    """
+
+    def __init__(self, ctx: EPContext, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        self.owned = ctx.experts(num_experts)
+        super().__init__(len(self.owned), hidden_size, intermediate_size)
+        self.ctx = ctx
+        self.total_experts = num_experts
+        self.last = DispatchStats()
+
+    def checkpoint_keys(self) -> list[str]:
+        return [self._global(key) for key in super().checkpoint_keys()]
+
+    def skipped_checkpoint_keys(self) -> list[str]:
+        projs = ("gate_proj", "up_proj", "down_proj")
+        return [f"{e}.{p}.weight" for e in range(self.total_experts) if e not in self.owned for p in projs]
+
+    def load_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        e, rest = name.split(".", 1)
+        if not e.isdigit() or int(e) not in self.owned:
+            raise CheckpointError(f"expert key {name!r} is not one of this rank's experts {self.owned}")
+        super().load_checkpoint_tensor(f"{int(e) - self.owned.start}.{rest}", tensor)
+
+    def _global(self, local_key: str) -> str:
+        e, rest = local_key.split(".", 1)
+        return f"{int(e) + self.owned.start}.{rest}"
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], topk_weights [T, K] fp32, topk_ids [T, K] (global expert ids) -> [T, H]."""
+        t, k = topk_ids.shape
+        hidden = x.shape[1]
+        per, size, group = len(self.owned), self.ctx.size, self.ctx.group
+        flat = topk_ids.reshape(-1).long()  # [T·K]
+        owner = flat // per
+        order = torch.argsort(owner, stable=True)  # rows grouped by owner rank
+        send_counts = torch.bincount(owner, minlength=size)  # [N]
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        # dispatch: each row once to its owner, with the owner's local expert id
+        rows = x.index_select(0, order // k)  # [T·K, H]
+        local_ids = (flat - owner * per).index_select(0, order)
+        got_rows = x.new_empty(sum(recv), hidden)
+        got_ids = local_ids.new_empty(sum(recv))
+        dist.all_to_all_single(got_rows, rows, recv, send, group=group)
+        dist.all_to_all_single(got_ids, local_ids, recv, send, group=group)
+        # the owner's experts, one expert per row, unweighted (the weights stay with the token)
+        done = self._run_local(got_rows, got_ids)
+        # combine: rows back to where they came from, then the weighted sum in fp32
+        back = x.new_empty(t * k, hidden)
+        dist.all_to_all_single(back, done, send, recv, group=group)
+        pairs = torch.empty_like(back)
+        pairs[order] = back
+        out = (pairs.float().view(t, k, hidden) * topk_weights.unsqueeze(-1)).sum(dim=1)
+        mine = send[self.ctx.rank]
+        self.last = DispatchStats(
+            rows_sent=t * k - mine,
+            rows_received=sum(recv) - recv[self.ctx.rank],
+            bytes_moved=2 * (t * k - mine) * hidden * x.element_size(),
+            rows_per_expert=torch.bincount(got_ids, minlength=per),
+        )
+        return out.to(x.dtype)
+
+    def _run_local(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] == 0:
+            return rows
+        ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
+        return super().forward(rows, ones, local_ids.to(torch.int32).unsqueeze(1))
+
+
+def shard_experts(model: nn.Module, ctx: EPContext) -> nn.Module:
+    """Replace every MoE layer's `experts` of a model built on the meta device with this rank's
+    `ShardedExperts` (a transform applied before loading, so only owned experts are read)."""
+    from services.decoder.moe import MoE
+
+    for module in model.modules():
+        if isinstance(module, MoE):
+            full = module.experts
+            hidden, inter = full.w2.shape[1], full.intermediate_size
+            with torch.device(full.w13.device):
+                module.experts = ShardedExperts(ctx, full.num_experts, hidden, inter).to(full.w13.dtype)
+    return model
