@@ -19,6 +19,7 @@ about scheduling, Ray or serving.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -51,12 +52,34 @@ class EPContext:
 
 @dataclass
 class DispatchStats:
-    """What the last dispatch moved (for benchmarks and the expert-load metrics)."""
+    """What the last dispatch moved (for benchmarks and the expert-load metrics). The phase times
+    are measured only when `ShardedExperts.profile` is set (they synchronise CUDA)."""
 
     rows_sent: int = 0  # (token, slot) rows this rank sent to other ranks
     rows_received: int = 0  # rows other ranks sent here
     bytes_moved: int = 0  # payload bytes this rank sent, both directions (dispatch + combine)
     rows_per_expert: torch.Tensor | None = None  # [E/N] rows each local expert computed
+    dispatch_s: float = 0.0  # counts exchange + rows out (including waiting for slower ranks)
+    compute_s: float = 0.0  # the local experts
+    combine_s: float = 0.0  # rows back + the weighted sum
+
+
+class _Clock:
+    """Phase timer: a no-op unless enabled."""
+
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled = enabled
+        self.cuda = device.type == "cuda"
+        self.last = time.perf_counter() if enabled else 0.0
+
+    def lap(self) -> float:
+        if not self.enabled:
+            return 0.0
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
 
 
 class ShardedExperts(FusedExperts):
@@ -73,6 +96,7 @@ class ShardedExperts(FusedExperts):
         self.ctx = ctx
         self.total_experts = num_experts
         self.last = DispatchStats()
+        self.profile = False  # time the phases into `last` (benchmarks)
 
     def checkpoint_keys(self) -> list[str]:
         return [self._global(key) for key in super().checkpoint_keys()]
@@ -93,6 +117,7 @@ class ShardedExperts(FusedExperts):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_weights [T, K] fp32, topk_ids [T, K] (global expert ids) -> [T, H]."""
+        clock = _Clock(self.profile, x.device)
         t, k = topk_ids.shape
         hidden = x.shape[1]
         per, size, group = len(self.owned), self.ctx.size, self.ctx.group
@@ -110,22 +135,28 @@ class ShardedExperts(FusedExperts):
         got_ids = local_ids.new_empty(sum(recv))
         dist.all_to_all_single(got_rows, rows, recv, send, group=group)
         dist.all_to_all_single(got_ids, local_ids, recv, send, group=group)
+        dispatch_s = clock.lap()
         # the owner's experts, one expert per row, unweighted (the weights stay with the token)
         done = self._run_local(got_rows, got_ids)
+        compute_s = clock.lap()
         # combine: rows back to where they came from, then the weighted sum in fp32
         back = x.new_empty(t * k, hidden)
         dist.all_to_all_single(back, done, send, recv, group=group)
         pairs = torch.empty_like(back)
         pairs[order] = back
-        out = (pairs.float().view(t, k, hidden) * topk_weights.unsqueeze(-1)).sum(dim=1)
+        out = (pairs.float().view(t, k, hidden) * topk_weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        combine_s = clock.lap()
         mine = send[self.ctx.rank]
         self.last = DispatchStats(
             rows_sent=t * k - mine,
             rows_received=sum(recv) - recv[self.ctx.rank],
             bytes_moved=2 * (t * k - mine) * hidden * x.element_size(),
             rows_per_expert=torch.bincount(got_ids, minlength=per),
+            dispatch_s=dispatch_s,
+            compute_s=compute_s,
+            combine_s=combine_s,
         )
-        return out.to(x.dtype)
+        return out
 
     def _run_local(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         if rows.shape[0] == 0:

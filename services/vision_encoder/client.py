@@ -27,6 +27,7 @@ from services.common.errors import (
     InvalidInputError,
     KimiVLError,
     NotCachedError,
+    UnauthenticatedError,
     UpstreamUnavailableError,
 )
 from services.vision_encoder.transport import (
@@ -39,7 +40,13 @@ from services.vision_encoder.transport import (
     split_frame,
 )
 
-ERROR_BY_CODE = {getattr(grpc.StatusCode, code): cls for cls, (_, code) in STATUS_BY_ERROR.items()}
+# a peer service refusing our credentials is our deployment's fault, not the end user's: it stays
+# UpstreamUnavailableError (503) rather than the 401 the project's UNAUTHENTICATED means for clients
+ERROR_BY_CODE = {
+    getattr(grpc.StatusCode, code): cls
+    for cls, (_, code) in STATUS_BY_ERROR.items()
+    if cls is not UnauthenticatedError
+}
 SINGLE_THREADED = (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)  # see the module doc
 CLIENT_OPTIONS: list[tuple[str, Any]] = [*CHANNEL_OPTIONS, SINGLE_THREADED]
 
