@@ -308,7 +308,7 @@ def test_metrics_pages_merge_by_family():
 
 def test_serve_settings_from_a_config_file_and_flags(tmp_path):
     args = argparse.Namespace(config="cluster/pipeline.yaml", redis=None, served_model_name=None, api_key="k",
-                              device="cpu")  # fmt: skip
+                              device="cpu", ep=1)  # fmt: skip
     out = app_args(args, tmp_path / "ck", num_cpus=4)
     assert out["checkpoint_dir"] == str(tmp_path / "ck") and out["redis_url"] is None
     assert out["frontend"]["api_key"] == "k" and "api_key_env" not in out["frontend"]
@@ -320,6 +320,9 @@ def test_serve_settings_from_a_config_file_and_flags(tmp_path):
     placement = out["deployment_options"]
     assert placement["DecoderServer"]["ray_actor_options"]["num_cpus"] == 3
     assert placement["PreprocessServer"]["autoscaling_config"]["min_replicas"] == 1
+    sharded = app_args(argparse.Namespace(**{**vars(args), "ep": 2}), tmp_path / "ck", num_cpus=4)
+    assert sharded["decoder"]["ep"]["size"] == 2 and sharded["decoder"]["ep"]["cpus_per_rank"] == 1.5
+    assert sharded["deployment_options"]["DecoderServer"]["ray_actor_options"]["num_cpus"] == 0
 
 
 def test_pipeline_yaml_args_build_the_application(tiny_root, monkeypatch):

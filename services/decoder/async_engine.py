@@ -33,6 +33,7 @@ from services.common.errors import (
     InternalError,
     InvalidInputError,
     KimiVLError,
+    UpstreamUnavailableError,
 )
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine import EngineStats, LLMEngine, MediaSpan, StepOutput
@@ -292,7 +293,12 @@ class AsyncEngine:
         except BaseException as e:  # the loop is dead: tell every open request, then stop
             logger.exception("the engine step loop died")
             self._error = e
-            failure = InternalError("the decoding engine failed; the replica is being replaced")
+            # a lost expert-parallel rank is retriable (503 / UNAVAILABLE): another replica serves
+            failure = (
+                e
+                if isinstance(e, UpstreamUnavailableError)
+                else InternalError("the decoding engine failed; the replica is being replaced")
+            )
             for live in {id(v): v for v in self._live.values()}.values():
                 live.loop.call_soon_threadsafe(live.queue.put_nowait, failure)
             with self._lock:

@@ -54,6 +54,7 @@ from services.decoder.async_engine import (
     AsyncEngine,
 )
 from services.decoder.engine import EngineConfig, LLMEngine
+from services.decoder.ep_group import EPSettings, start_group
 from services.decoder.metrics import DecoderMetrics, stats_dict
 from services.decoder.output_text import is_thinking_checkpoint
 from services.decoder.params import generation_defaults
@@ -102,6 +103,7 @@ class DecoderSettings:
     # any address). The token the encoders require comes from this environment variable.
     fetch_from_encoders: bool = False
     encoder_token_env: str | None = None
+    ep: EPSettings = field(default_factory=EPSettings)  # size > 1: an expert-parallel group of ranks
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> DecoderSettings:
@@ -112,6 +114,7 @@ class DecoderSettings:
         values["cache"] = EmbeddingCacheSettings(
             **known_fields(EmbeddingCacheSettings, values.get("cache"), "cache setting")
         )
+        values["ep"] = EPSettings(**known_fields(EPSettings, values.get("ep"), "ep setting"))
         check_dtype_name(values.get("dtype", "auto"))
         if values.get("metrics_interval_s", 1.0) <= 0 or values.get("max_waiting_requests", 1) < 1:
             raise InvalidInputError("metrics_interval_s must be > 0 and max_waiting_requests >= 1")
@@ -136,12 +139,19 @@ def load_engine(
     """The decoder weights alone, behind the engine and its async front."""
     root = Path(settings.checkpoint_dir)
     device = settings.resolved_device()
-    model = load_text_model(root, resolve_dtype(settings.dtype, device), device)
+    dtype = resolve_dtype(settings.dtype, device)
+    if settings.ep.size > 1:  # the model lives in the group's ranks, not in this replica
+        dtype_name = str(dtype).removeprefix("torch.")
+        core: Any = start_group(
+            settings.ep, str(root), dtype_name, device, settings.engine, settings.num_threads
+        )
+    else:
+        core = LLMEngine(load_text_model(root, dtype, device), settings.engine)
     split = settings.split_reasoning
     if split == "auto":
         split = is_thinking_checkpoint(root.name, tokenizer.chat_template)
     return AsyncEngine(
-        LLMEngine(model, settings.engine),
+        core,
         tokenizer,
         eos_token_ids=end_of_turn_ids(root, config.text_config, tokenizer),
         split_reasoning=bool(split),
@@ -243,11 +253,17 @@ class DecoderServer:
         self._start_reporter()  # Serve may build the replica outside its loop; the probe runs inside
         self.engine.check_health()
 
-    async def inject_fault(self) -> None:
-        """Tests only (`enable_fault_injection`): the engine's next step raises, killing its loop."""
+    async def inject_fault(self, kind: str = "step") -> None:
+        """Tests only (`enable_fault_injection`): "step": the engine's next step raises, killing its
+        loop; "kill_rank": the last rank of the expert-parallel group dies."""
         if not self.settings.enable_fault_injection:
             raise InvalidInputError("fault injection is disabled (enable_fault_injection: false)")
         core = self.engine.engine
+        if kind == "kill_rank":
+            import ray
+
+            ray.kill(core.workers[-1])
+            return
 
         def failing_step() -> list:
             raise RuntimeError("injected fault")
@@ -260,6 +276,9 @@ class DecoderServer:
             self._reporter.cancel()
         open_requests = self.engine.num_open_requests()
         await self.engine.shutdown(drain_timeout_s=SHUTDOWN_DRAIN_S)
+        stop_group = getattr(self.engine.engine, "shutdown", None)  # an expert-parallel group's ranks
+        if stop_group is not None:
+            stop_group()
         logger.info("decoder stopped (%d requests were still open)", open_requests)
 
 

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 LOGPROB_FLOOR = -9999.0  # what -inf (and NaN) logprobs become: JSON has no infinity
 SSE_DONE = "data: [DONE]\n\n"
+UNAVAILABLE_RETRY_AFTER_S = 2
 
 
 class TokenBytes(Protocol):
@@ -415,10 +416,13 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
 
 def error_headers(error: BaseException) -> dict[str, str]:
     """Headers for an error response: Retry-After (whole seconds, at least 1) and the openai
-    client's finer `retry-after-ms` when a CapacityError says how long to wait."""
+    client's finer `retry-after-ms` when a CapacityError says how long to wait; a fixed short
+    Retry-After for a 503."""
     if isinstance(error, CapacityError) and error.retry_after_s is not None:
         seconds = max(error.retry_after_s, 0.0)
         return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(round(seconds * 1000))}
+    if isinstance(error, UpstreamUnavailableError):  # a replica or rank is being replaced
+        return {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)}
     return {}
 
 

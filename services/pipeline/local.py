@@ -55,6 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: none)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--device", default=None, help="encoder and decoder device: auto, cpu, cuda")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks of the decoder (default 1)")
     p.add_argument("--demo", action="store_true", help="run a sample conversation against the server")
     p.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is done (tests)")
     p.add_argument("--ray-temp-dir", default=None, help="Ray's session folder root (default: Ray's)")
@@ -84,6 +85,11 @@ def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[
     grpc_server.pop("token_env", None)  # loopback: no token needed
     encoder["grpc_server"] = grpc_server
     out["deployment_options"] = _local_placement(config, num_cpus)
+    if args.ep > 1:  # the ranks take the decoder's CPUs; the replica itself only steps them
+        out["decoder"]["ep"] = {**dict(out["decoder"].get("ep") or {}), "size": args.ep,
+                                "cpus_per_rank": max(num_cpus - 1, 1) / args.ep}  # fmt: skip
+        out["decoder"]["num_threads"] = 1
+        out["deployment_options"]["DecoderServer"]["ray_actor_options"]["num_cpus"] = 0
     return out
 
 
