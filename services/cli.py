@@ -265,6 +265,30 @@ def _encoded_json(path: str, item: ProcessedItem, results: Sequence[EncodedImage
     return entry
 
 
+def _cmd_ep_placement(args: argparse.Namespace) -> int:
+    import urllib.request
+
+    from services.common.errors import InvalidInputError
+    from services.decoder.ep_placement import load_from_metrics, plan
+
+    source = args.metrics
+    try:
+        if source.startswith(("http://", "https://")):
+            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+            with urllib.request.urlopen(urllib.request.Request(source, headers=headers), timeout=60) as r:
+                text = r.read().decode("utf-8")
+        else:
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        raise InvalidInputError(f"cannot read --metrics {source}: {e}") from e
+    result = plan(load_from_metrics(text), args.ranks)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({"out": args.out, "ranks": args.ranks, "imbalance": result["imbalance"]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from services.bench import command as bench_command
     from services.pipeline import local as serve_command
@@ -273,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_command.add_parser(sub)
     bench_command.add_parser(sub)
+
+    place = sub.add_parser(
+        "ep-placement", help="balance experts over expert-parallel ranks from recorded load"
+    )
+    place.add_argument(
+        "--metrics", required=True, help="a /metrics URL or a saved page (kimi_vl_expert_tokens_total)"
+    )
+    place.add_argument("--ranks", type=int, required=True, help="ranks of the expert-parallel group")
+    place.add_argument("--out", required=True, help="the placement file (decoder setting ep.placement_file)")
+    place.add_argument("--api-key", default=None, help="the server's API key, for a /metrics URL")
+    place.set_defaults(func=_cmd_ep_placement)
 
     mk = sub.add_parser("make-checkpoint", help="write a small random checkpoint in the official layout")
     mk.add_argument("out_dir")

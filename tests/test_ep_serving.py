@@ -5,6 +5,7 @@ gives a retriable error, and the replaced group answers correctly again."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -47,7 +48,7 @@ def offline_ids(offline: OfflinePipeline, text: str, max_tokens: int = 8) -> lis
     ).token_ids
 
 
-def deploy(serve_instance, checkpoint, size: int, app: str):
+def deploy(serve_instance, checkpoint, size: int, app: str, placement_file: str | None = None):
     from ray import serve
 
     from services.pipeline import build_app
@@ -59,7 +60,8 @@ def deploy(serve_instance, checkpoint, size: int, app: str):
         "checkpoint_dir": str(checkpoint),
         "decoder": {
             "engine": ENGINE, "num_threads": 1, "enable_fault_injection": True,
-            "ep": {"size": size, "cpus_per_rank": 0.01, "step_timeout_s": 20, "collective_timeout_s": 15},
+            "ep": {"size": size, "cpus_per_rank": 0.01, "step_timeout_s": 20, "collective_timeout_s": 15,
+                   "placement_file": placement_file},
         },
         "deployment_options": {**{n: zero for n in names}, "DecoderServer": decoder},
     }  # fmt: skip
@@ -77,12 +79,18 @@ def ask(client: openai.OpenAI, text: str, max_tokens: int = 8) -> list[int]:
     return response.choices[0].model_extra["token_ids"]
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_ep_group_answers_as_the_offline_path(serve_instance, checkpoint, offline, size):
+@pytest.mark.parametrize(("size", "placed"), [(2, True), (4, False)])
+def test_ep_group_answers_as_the_offline_path(serve_instance, checkpoint, offline, tmp_path, size, placed):
+    """EP = 2 starts from a placement file that scatters the experts; EP = 4 from contiguous ones."""
     from ray import serve
 
     app = f"ep{size}"
-    client = deploy(serve_instance, checkpoint, size, app)
+    placement = None
+    if placed:  # the tiny preset's MoE layers are 1 and 2, with 8 experts each
+        layers = {"1": [[0, 3, 5, 6], [1, 2, 4, 7]], "2": [[7, 6, 1, 0], [5, 4, 3, 2]]}
+        placement = tmp_path / "placement.json"
+        placement.write_text(json.dumps({"ranks": 2, "layers": layers}))
+    client = deploy(serve_instance, checkpoint, size, app, str(placement) if placement else None)
     try:
         want = [offline_ids(offline, p) for p in PROMPTS]
         assert ask(client, PROMPTS[0]) == want[0]  # one request: the other ranks step empty
@@ -97,6 +105,10 @@ def test_ep_group_answers_as_the_offline_path(serve_instance, checkpoint, offlin
         for t in threads:
             t.join(120)
         assert results == want  # a mixed batch over the ranks, some of them idle at times
+        stats = serve.get_deployment_handle("DecoderServer", app).stats.remote().result()
+        tokens = stats["expert_tokens_per_layer"]
+        assert sorted(tokens) == [1, 2] and all(len(row) == 8 and sum(row) > 0 for row in tokens.values())
+        assert stats["expert_rank_imbalance"] >= 1.0
     finally:
         serve.delete(app)
 

@@ -37,7 +37,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from services.common.errors import InvalidInputError, UpstreamUnavailableError
 from services.common.weights import load_text_model
 from services.decoder.engine import EngineConfig, EngineStats, LLMEngine, MediaSpan, StepOutput
-from services.decoder.expert_parallel import EPContext, ShardedExperts
+from services.decoder.ep_placement import read_placements
+from services.decoder.expert_parallel import EPContext, Placement, ShardedExperts, sharded_layers
 from services.decoder.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class EPSettings:
     gpus_per_rank: float | None = None  # None: 1 on CUDA, 0 on CPU
     step_timeout_s: float = 120.0
     collective_timeout_s: float = 60.0
+    placement_file: str | None = None  # `kimi-vl ep-placement` output; None: contiguous experts
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -72,6 +74,15 @@ def idle_forward(model: torch.nn.Module) -> None:
             )
 
 
+@dataclass(frozen=True)
+class RankLoad:
+    """One rank's expert work: rows its experts computed in the last step, and per MoE layer its
+    experts with the rows each has computed so far."""
+
+    rows_this_step: int
+    tokens_total: dict[int, tuple[tuple[int, ...], list[int]]]
+
+
 class EPRankWorker:
     """One rank (a Ray actor): `setup` joins the group and loads the rank's share of the model."""
 
@@ -87,7 +98,8 @@ class EPRankWorker:
             return host, s.getsockname()[1]
 
     def setup(self, master: tuple[str, int], checkpoint_dir: str, dtype: str, device: str,
-              engine: EngineConfig, timeout_s: float, num_threads: int | None) -> None:  # fmt: skip
+              engine: EngineConfig, timeout_s: float, num_threads: int | None,
+              placements: dict[int, Placement]) -> None:  # fmt: skip
         if num_threads:
             torch.set_num_threads(num_threads)
         backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -95,9 +107,8 @@ class EPRankWorker:
             backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank, world_size=self.size,
             timeout=timedelta(seconds=timeout_s),
         )  # fmt: skip
-        model = load_text_model(
-            checkpoint_dir, getattr(torch, dtype), device, ep=EPContext(self.rank, self.size)
-        )
+        ctx = EPContext(self.rank, self.size, placements=placements)
+        model = load_text_model(checkpoint_dir, getattr(torch, dtype), device, ep=ctx)
         # captured steps cannot hold collectives whose sizes change every step
         self.engine = LLMEngine(model, replace(engine, decode_capture="eager"))
 
@@ -107,14 +118,20 @@ class EPRankWorker:
     def abort(self, seq_id: int) -> bool:
         return self._engine.abort(seq_id)
 
-    def step(self) -> tuple[list[StepOutput], EngineStats]:
+    def step(self) -> tuple[list[StepOutput], EngineStats, RankLoad]:
         engine = self._engine
         before = engine.stats().steps
         outputs = engine.step() if engine.has_unfinished() else []
         if engine.stats().steps == before:  # no forward ran here: join the collectives anyway
             with torch.inference_mode():
                 idle_forward(engine.model)
-        return outputs, engine.stats()
+        layers = sharded_layers(engine.model)
+        rows = [m.last.rows_per_expert for _, m in layers if m.last.rows_per_expert is not None]
+        load = RankLoad(
+            rows_this_step=int(sum(int(r.sum()) for r in rows)),
+            tokens_total={i: (m.owned, m.tokens_total.tolist()) for i, m in layers},
+        )
+        return outputs, engine.stats(), load
 
     def pid(self) -> int:
         return os.getpid()
@@ -137,6 +154,8 @@ class EPEngine:
         self._stats: list[EngineStats | None] = [None] * self.size
         self._pending = [0] * self.size  # requests added since the rank's last stats
         self._live: set[int] = set()
+        self._rows = [0] * self.size  # expert rows each rank computed in the last step
+        self.expert_tokens: dict[int, list[int]] = {}  # layer -> rows per (global) expert, so far
         self.model = None  # the model lives in the ranks
 
     # sequence ids are global: local id · size + rank
@@ -169,15 +188,27 @@ class EPEngine:
     def step(self) -> list[StepOutput]:
         results = self._call([w.step.remote() for w in self.workers])
         outputs: list[StepOutput] = []
-        for rank, (outs, stats) in enumerate(results):
+        tokens: dict[int, list[int]] = {}
+        for rank, (outs, stats, load) in enumerate(results):
             self._stats[rank] = stats
             self._pending[rank] = 0
+            self._rows[rank] = load.rows_this_step
+            for layer, (owned, counts) in load.tokens_total.items():
+                row = tokens.setdefault(layer, [0] * (len(owned) * self.size))
+                for expert, count in zip(owned, counts, strict=True):
+                    row[expert] = count
             for out in outs:
                 gid = out.seq_id * self.size + rank
                 if out.finished:
                     self._live.discard(gid)
                 outputs.append(replace(out, seq_id=gid))
+        self.expert_tokens = tokens
         return outputs
+
+    def expert_load(self) -> tuple[dict[int, list[int]], float]:
+        """Rows per expert per MoE layer so far, and the last step's max/mean rows per rank."""
+        mean = sum(self._rows) / self.size
+        return dict(self.expert_tokens), (max(self._rows) / mean if mean > 0 else 1.0)
 
     def stats(self) -> EngineStats:
         known = [s for s in self._stats if s is not None]
@@ -236,6 +267,16 @@ def start_group(settings: EPSettings, checkpoint_dir: str, dtype: str, device: s
         for r in range(settings.size)
     ]  # fmt: skip
     master = ray.get(workers[0].address.remote())
-    args = (master, checkpoint_dir, dtype, device, engine, settings.collective_timeout_s, num_threads)
+    placements = read_placements(settings.placement_file, settings.size) if settings.placement_file else {}
+    args = (
+        master,
+        checkpoint_dir,
+        dtype,
+        device,
+        engine,
+        settings.collective_timeout_s,
+        num_threads,
+        placements,
+    )
     ray.get([w.setup.remote(*args) for w in workers])
     return EPEngine(workers, settings.step_timeout_s, group)

@@ -29,25 +29,46 @@ from torch import nn
 from services.common.errors import CheckpointError
 from services.decoder.moe import FusedExperts
 
+Placement = tuple[tuple[int, ...], ...]  # per rank, the routed experts it owns
+
 
 @dataclass(frozen=True)
 class EPContext:
-    """Where this process sits in its expert-parallel group. `group` None: the default group."""
+    """Where this process sits in its expert-parallel group. `group` None: the default group.
+    `placements`: per MoE layer index, which experts each rank owns (a layer not listed, or no
+    placements at all: contiguous ranges, rank r owning [r·E/N, (r+1)·E/N))."""
 
     rank: int
     size: int
     group: dist.ProcessGroup | None = field(default=None, compare=False)
+    placements: dict[int, Placement] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
             raise ValueError(f"rank {self.rank} outside an EP group of {self.size}")
 
-    def experts(self, num_experts: int) -> range:
-        """The routed experts this rank owns."""
-        if num_experts % self.size:
-            raise CheckpointError(f"{num_experts} routed experts do not divide over {self.size} EP ranks")
-        per = num_experts // self.size
-        return range(self.rank * per, (self.rank + 1) * per)
+    def placement(self, num_experts: int, layer: int | None = None) -> Placement:
+        """Every rank's experts in `layer`, checked to be a partition of the E experts."""
+        given = self.placements.get(layer) if layer is not None else None
+        if given is None:
+            if num_experts % self.size:
+                raise CheckpointError(f"{num_experts} routed experts do not divide over {self.size} EP ranks")
+            per = num_experts // self.size
+            return tuple(tuple(range(r * per, (r + 1) * per)) for r in range(self.size))
+        check_placement(given, num_experts, self.size)
+        return given
+
+    def experts(self, num_experts: int, layer: int | None = None) -> tuple[int, ...]:
+        """The routed experts this rank owns (in `layer`)."""
+        return self.placement(num_experts, layer)[self.rank]
+
+
+def check_placement(placement: Placement, num_experts: int, size: int) -> None:
+    if len(placement) != size or any(not experts for experts in placement):
+        raise CheckpointError(f"a placement needs {size} non-empty expert lists, one per rank")
+    flat = sorted(e for experts in placement for e in experts)
+    if flat != list(range(num_experts)):
+        raise CheckpointError(f"a placement must give each of the {num_experts} experts to exactly one rank")
 
 
 @dataclass
@@ -90,11 +111,28 @@ class ShardedExperts(FusedExperts):
     `skipped_checkpoint_keys` (present in the checkpoint, loaded elsewhere).
     """
 
-    def __init__(self, ctx: EPContext, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
-        self.owned = ctx.experts(num_experts)
+    def __init__(
+        self,
+        ctx: EPContext,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        layer: int | None = None,
+    ) -> None:
+        placement = ctx.placement(num_experts, layer)
+        self.owned = placement[ctx.rank]
         super().__init__(len(self.owned), hidden_size, intermediate_size)
         self.ctx = ctx
         self.total_experts = num_experts
+        self._local = {e: i for i, e in enumerate(self.owned)}
+        # global expert id -> owner rank / index among the owner's experts
+        owner, local = [0] * num_experts, [0] * num_experts
+        for r, experts in enumerate(placement):
+            for i, e in enumerate(experts):
+                owner[e], local[e] = r, i
+        # host tensors, not buffers: the model is built on the meta device, and these are no weights
+        self._maps = {"cpu": (torch.tensor(owner, device="cpu"), torch.tensor(local, device="cpu"))}
+        self.tokens_total = torch.zeros(len(self.owned), dtype=torch.int64, device="cpu")  # rows computed
         self.last = DispatchStats()
         self.profile = False  # time the phases into `last` (benchmarks)
 
@@ -107,13 +145,13 @@ class ShardedExperts(FusedExperts):
 
     def load_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> None:
         e, rest = name.split(".", 1)
-        if not e.isdigit() or int(e) not in self.owned:
+        if not e.isdigit() or int(e) not in self._local:
             raise CheckpointError(f"expert key {name!r} is not one of this rank's experts {self.owned}")
-        super().load_checkpoint_tensor(f"{int(e) - self.owned.start}.{rest}", tensor)
+        super().load_checkpoint_tensor(f"{self._local[int(e)]}.{rest}", tensor)
 
     def _global(self, local_key: str) -> str:
         e, rest = local_key.split(".", 1)
-        return f"{int(e) + self.owned.start}.{rest}"
+        return f"{self.owned[int(e)]}.{rest}"
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_weights [T, K] fp32, topk_ids [T, K] (global expert ids) -> [T, H]."""
@@ -122,7 +160,8 @@ class ShardedExperts(FusedExperts):
         hidden = x.shape[1]
         per, size, group = len(self.owned), self.ctx.size, self.ctx.group
         flat = topk_ids.reshape(-1).long()  # [T·K]
-        owner = flat // per
+        owner_of, local_of = self._lookup(flat.device)
+        owner = owner_of[flat]
         order = torch.argsort(owner, stable=True)  # rows grouped by owner rank
         send_counts = torch.bincount(owner, minlength=size)  # [N]
         recv_counts = torch.empty_like(send_counts)
@@ -130,7 +169,7 @@ class ShardedExperts(FusedExperts):
         send, recv = send_counts.tolist(), recv_counts.tolist()
         # dispatch: each row once to its owner, with the owner's local expert id
         rows = x.index_select(0, order // k)  # [T·K, H]
-        local_ids = (flat - owner * per).index_select(0, order)
+        local_ids = local_of[flat].index_select(0, order)
         got_rows = x.new_empty(sum(recv), hidden)
         got_ids = local_ids.new_empty(sum(recv))
         dist.all_to_all_single(got_rows, rows, recv, send, group=group)
@@ -147,16 +186,25 @@ class ShardedExperts(FusedExperts):
         out = (pairs.float().view(t, k, hidden) * topk_weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
         combine_s = clock.lap()
         mine = send[self.ctx.rank]
+        rows_per_expert = torch.bincount(got_ids, minlength=per)
+        self.tokens_total += rows_per_expert.cpu()
         self.last = DispatchStats(
             rows_sent=t * k - mine,
             rows_received=sum(recv) - recv[self.ctx.rank],
             bytes_moved=2 * (t * k - mine) * hidden * x.element_size(),
-            rows_per_expert=torch.bincount(got_ids, minlength=per),
+            rows_per_expert=rows_per_expert,
             dispatch_s=dispatch_s,
             compute_s=compute_s,
             combine_s=combine_s,
         )
         return out
+
+    def _lookup(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._maps:
+            owner, local = self._maps["cpu"]
+            self._maps[key] = (owner.to(device), local.to(device))
+        return self._maps[key]
 
     def _run_local(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         if rows.shape[0] == 0:
@@ -170,10 +218,21 @@ def shard_experts(model: nn.Module, ctx: EPContext) -> nn.Module:
     `ShardedExperts` (a transform applied before loading, so only owned experts are read)."""
     from services.decoder.moe import MoE
 
-    for module in model.modules():
+    for layer, block in enumerate(model.model.layers):
+        module = block.mlp
         if isinstance(module, MoE):
             full = module.experts
             hidden, inter = full.w2.shape[1], full.intermediate_size
             with torch.device(full.w13.device):
-                module.experts = ShardedExperts(ctx, full.num_experts, hidden, inter).to(full.w13.dtype)
+                sharded = ShardedExperts(ctx, full.num_experts, hidden, inter, layer=layer)
+            module.experts = sharded.to(full.w13.dtype)
     return model
+
+
+def sharded_layers(model: nn.Module) -> list[tuple[int, ShardedExperts]]:
+    """(layer index, experts) of every MoE layer of a sharded model, in forward order."""
+    return [
+        (i, block.mlp.experts)
+        for i, block in enumerate(model.model.layers)
+        if isinstance(getattr(block.mlp, "experts", None), ShardedExperts)
+    ]

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ray.util.metrics import Gauge, Histogram
+from ray.util.metrics import Counter, Gauge, Histogram
 
 from services.common.metrics import PREFIX, TotalCounters, report_every
 from services.decoder.engine import EngineStats
@@ -90,6 +90,18 @@ class DecoderMetrics:
             {name: f"Cumulative {field.replace('_', ' ')} (tokens)." for name, field in COUNTERS.items()},
             self._tags,
         )
+        # expert-parallel replicas only: which experts the tokens chose, and how evenly the ranks work
+        self._expert_tokens = Counter(
+            PREFIX + "expert_tokens_total",
+            "Token rows each routed expert computed (expert-parallel replicas).",
+            (*TAG_KEYS, "layer", "expert"),
+        )
+        self._imbalance = Gauge(
+            PREFIX + "expert_rank_imbalance",
+            "Max over mean expert rows per rank in the last step (1 = even; expert-parallel replicas).",
+            TAG_KEYS,
+        )
+        self._expert_last: dict[tuple[int, int], int] = {}
         self._ttft = Histogram(
             PREFIX + "time_to_first_token_seconds", "Submit to first token.", TTFT_BUCKETS, TAG_KEYS
         )
@@ -130,6 +142,17 @@ class DecoderMetrics:
             summary.count += 1
             summary.total += seconds
 
+    def report_expert_load(self, tokens: dict[int, list[int]], imbalance: float) -> None:
+        """Advance the per-(layer, expert) counters to `tokens` (cumulative) and set the gauge."""
+        for layer, row in tokens.items():
+            for expert, count in enumerate(row):
+                delta = count - self._expert_last.get((layer, expert), 0)
+                if delta > 0:
+                    tags = {**self._tags, "layer": str(layer), "expert": str(expert)}
+                    self._expert_tokens.inc(delta, tags=tags)
+                    self._expert_last[(layer, expert)] = count
+        self._imbalance.set(imbalance, tags=self._tags)
+
     def summary(self) -> dict[str, float]:
         """Count and sum of each histogram as last reported."""
         return {
@@ -139,6 +162,17 @@ class DecoderMetrics:
             "time_per_output_token_seconds_sum": self.tpot.total,
         }
 
-    async def run(self, stats: Callable[[], EngineStats], interval_s: float) -> None:
+    async def run(
+        self,
+        stats: Callable[[], EngineStats],
+        interval_s: float,
+        expert_load: Callable[[], tuple[dict[int, list[int]], float]] | None = None,
+    ) -> None:
         """Report every `interval_s` until cancelled (a failing report is logged, not fatal)."""
-        await report_every(lambda: self.report(stats()), interval_s, "decoder")
+
+        def report() -> None:
+            self.report(stats())
+            if expert_load is not None:
+                self.report_expert_load(*expert_load())
+
+        await report_every(report, interval_s, "decoder")

@@ -197,7 +197,8 @@ class DecoderServer:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return  # built outside a loop (unit tests): started by the first request
-            task = self.metrics.run(self.engine.stats, self.settings.metrics_interval_s)
+            load = getattr(self.engine.engine, "expert_load", None)  # expert-parallel groups
+            task = self.metrics.run(self.engine.stats, self.settings.metrics_interval_s, load)
             self._reporter = loop.create_task(task)
 
     # --- the stream, for both entry points -------------------------------------------------------
@@ -246,7 +247,15 @@ class DecoderServer:
             **self.metrics.summary(),
             "open_requests": self.engine.num_open_requests(),
             "replica": replica,
+            **self._expert_summary(),
         }
+
+    def _expert_summary(self) -> dict[str, Any]:
+        load = getattr(self.engine.engine, "expert_load", None)
+        if load is None:
+            return {}
+        tokens, imbalance = load()
+        return {"expert_tokens_per_layer": tokens, "expert_rank_imbalance": imbalance}
 
     async def check_health(self) -> None:
         """Serve's probe: raises once the engine loop has died, so Serve replaces the replica."""

@@ -1,0 +1,66 @@
+"""Expert placement from recorded load: parsing the metrics, greedy balancing, the placement file
+and the `kimi-vl ep-placement` command (pure; no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.cli import main
+from services.common.errors import CheckpointError, InvalidInputError
+from services.decoder.ep_placement import (
+    balance,
+    contiguous,
+    imbalance,
+    load_from_metrics,
+    plan,
+    read_placements,
+)
+from services.decoder.expert_parallel import EPContext
+
+HOT = [100.0, 90.0, 80.0, 70.0, 1.0, 1.0, 1.0, 1.0]  # the first four experts take nearly every token
+
+PAGE = "\n".join(
+    ["# HELP ray_kimi_vl_expert_tokens_total Token rows.", "# TYPE ray_kimi_vl_expert_tokens_total counter"]
+    + [
+        f'ray_kimi_vl_expert_tokens_total{{expert="{e}",layer="{layer}",WorkerId="w{w}"}} {v / 2}'
+        for layer in (1, 2)
+        for w in (0, 1)  # two replicas' series of the same expert are summed
+        for e, v in enumerate(HOT if layer == 1 else list(reversed(HOT)))
+    ]
+)
+
+
+def test_balancing_evens_out_a_skewed_load():
+    placement = balance(HOT, 2)
+    assert sorted(e for experts in placement for e in experts) == list(range(8))
+    assert all(len(experts) == 4 for experts in placement)
+    assert imbalance(HOT, contiguous(8, 2)) > 1.9
+    assert imbalance(HOT, placement) < 1.05
+    with pytest.raises(InvalidInputError):
+        balance(HOT, 3)
+
+
+def test_metrics_page_to_placement_file_and_back(tmp_path):
+    load = load_from_metrics(PAGE)
+    assert load == {1: HOT, 2: list(reversed(HOT))}
+    out = tmp_path / "placement.json"
+    out.write_text(json.dumps(plan(load, 4)))
+    placements = read_placements(out, 4)
+    assert set(placements) == {1, 2}
+    ctx = EPContext(1, 4, placements=placements)
+    assert ctx.experts(8, layer=1) == placements[1][1] and ctx.experts(8, layer=5) == (2, 3)
+    with pytest.raises(InvalidInputError, match="not 2"):
+        read_placements(out, 2)
+    with pytest.raises(CheckpointError):
+        EPContext(0, 2, placements={1: ((0, 1), (1, 2, 3, 4, 5, 6, 7))}).experts(8, layer=1)
+
+
+def test_the_command(tmp_path, capsys):
+    page, out = tmp_path / "metrics.txt", tmp_path / "placement.json"
+    page.write_text(PAGE)
+    assert main(["ep-placement", "--metrics", str(page), "--ranks", "2", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["imbalance"]["1"]["after"] < summary["imbalance"]["1"]["before"]
+    assert read_placements(out, 2)[2] == balance(list(reversed(HOT)), 2)
