@@ -325,14 +325,15 @@ def test_serve_settings_from_a_config_file_and_flags(tmp_path):
     assert sharded["deployment_options"]["DecoderServer"]["ray_actor_options"]["num_cpus"] == 0
 
 
-def test_pipeline_yaml_args_build_the_application(tiny_root, monkeypatch):
+@pytest.mark.parametrize("config", ["cluster/pipeline.yaml", "cluster/pipeline-ep8.yaml"])
+def test_pipeline_yaml_args_build_the_application(tiny_root, monkeypatch, config):
     """cluster/pipeline.yaml's args as written build the app (only the checkpoint and device swapped
     for this machine); without the API key's variable the build fails rather than serve openly."""
     import yaml
 
     from services.pipeline import build_app
 
-    app = next(a for a in yaml.safe_load(Path("cluster/pipeline.yaml").read_text())["applications"])
+    app = next(a for a in yaml.safe_load(Path(config).read_text())["applications"])
     args = {**app["args"], "checkpoint_dir": str(tiny_root)}
     for stage in ("encoder", "decoder"):
         args[stage] = {**args[stage], "device": "cpu", "dtype": "float32"}
