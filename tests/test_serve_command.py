@@ -1,6 +1,7 @@
-"""`kimi-vl serve --demo` as a user runs it: a subprocess with its own local Ray, the demo's
-conversation (HTTP image question, cached follow-up, video, gRPC), the API key, then SIGTERM,
-after which no process it started may be left."""
+"""`kimi-vl serve --demo --ep 2` as a user runs it: a subprocess with its own local Ray and an
+expert-parallel decoder of two rank actors, the demo's conversation (HTTP image question, cached
+follow-up, video, gRPC), the API key, then SIGTERM, after which no process it started (ranks
+included) may be left."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def test_serve_demo_api_key_and_sigterm(tmp_path):
     temp_dir = f"/tmp/kvl-{uuid.uuid4().hex[:8]}"
     argv = [sys.executable, "-m", "services.cli", "serve", "--checkpoint", str(checkpoint), "--http-port",
             str(http), "--grpc-port", str(grpc_port), "--api-key", KEY, "--demo", "--num-cpus", "2",
-            "--ray-temp-dir", temp_dir]  # fmt: skip
+            "--ep", "2", "--ray-temp-dir", temp_dir]  # fmt: skip
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
