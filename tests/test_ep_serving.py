@@ -113,10 +113,14 @@ def test_ep_group_answers_as_the_offline_path(serve_instance, checkpoint, offlin
         serve.delete(app)
 
 
-def test_a_killed_rank_gives_a_retriable_error_and_the_group_is_replaced(serve_instance, checkpoint, offline):
+@pytest.mark.parametrize("fault", ["kill_rank", "stall_rank"])
+def test_a_lost_rank_gives_a_retriable_error_and_the_group_is_replaced(
+    serve_instance, checkpoint, offline, fault
+):
+    """A rank that dies, or hangs so its peers wait in a collective past the timeouts."""
     from ray import serve
 
-    app = "ep-fault"
+    app = f"ep-{fault.replace('_', '-')}"
     client = deploy(serve_instance, checkpoint, 2, app)
     try:
         errors: list[BaseException] = []
@@ -130,7 +134,7 @@ def test_a_killed_rank_gives_a_retriable_error_and_the_group_is_replaced(serve_i
         runner = threading.Thread(target=long_request)
         runner.start()
         time.sleep(2.0)
-        serve.get_deployment_handle("DecoderServer", app).inject_fault.remote("kill_rank").result()
+        serve.get_deployment_handle("DecoderServer", app).inject_fault.remote(fault).result()
         runner.join(60)
         assert not runner.is_alive(), "the request hung after its rank died"
         assert errors and errors[0].status_code == 503, errors

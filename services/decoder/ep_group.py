@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -89,6 +90,7 @@ class EPRankWorker:
     def __init__(self, rank: int, size: int) -> None:
         self.rank, self.size = rank, size
         self.engine: LLMEngine | None = None
+        self._stall_s = 0.0
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the group's rendezvous: this node's IP and a free port."""
@@ -118,7 +120,13 @@ class EPRankWorker:
     def abort(self, seq_id: int) -> bool:
         return self._engine.abort(seq_id)
 
+    def stall(self, seconds: float) -> None:
+        """Tests only: the next step first sleeps this long (a rank that hangs without dying)."""
+        self._stall_s = seconds
+
     def step(self) -> tuple[list[StepOutput], EngineStats, RankLoad]:
+        if self._stall_s:
+            time.sleep(self._stall_s)
         engine = self._engine
         before = engine.stats().steps
         outputs = engine.step() if engine.has_unfinished() else []

@@ -264,7 +264,8 @@ class DecoderServer:
 
     async def inject_fault(self, kind: str = "step") -> None:
         """Tests only (`enable_fault_injection`): "step": the engine's next step raises, killing its
-        loop; "kill_rank": the last rank of the expert-parallel group dies."""
+        loop; "kill_rank": the last rank of the expert-parallel group dies; "stall_rank": it hangs
+        in its next step (its peers wait in a collective) without dying."""
         if not self.settings.enable_fault_injection:
             raise InvalidInputError("fault injection is disabled (enable_fault_injection: false)")
         core = self.engine.engine
@@ -272,6 +273,9 @@ class DecoderServer:
             import ray
 
             ray.kill(core.workers[-1])
+            return
+        if kind == "stall_rank":
+            core.workers[-1].stall.remote(3600.0)
             return
 
         def failing_step() -> list:
