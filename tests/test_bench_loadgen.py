@@ -35,7 +35,7 @@ from services.bench.loadgen import (
 from services.common.errors import InvalidInputError
 
 TOP_KEYS = {"url", "model", "image", "turns", "max_tokens", "num_requests", "started_at", "levels"}
-TOP_KEYS |= {"temperature", "ignore_eos", "shared_prefix", "warmup"}
+TOP_KEYS |= {"temperature", "ignore_eos", "shared_prefix", "warmup", "distinct_images"}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -356,3 +356,22 @@ def test_bench_end_to_end(chat_server, tmp_path, capsys):
     assert third_turns and all(m[1]["content"] == "t0 t1 t2 t3 t4 t5 t6 t7 " for m in third_turns)
     table = capsys.readouterr().out
     assert "TTFT p50 ms" in table and "cached tokens by turn" in table and "TimeoutError x1" in table
+
+
+def test_distinct_image_variants_differ_in_one_pixel(tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "picture.png"
+    Image.fromarray(np.full((20, 30, 3), 90, dtype=np.uint8)).save(path)
+    variant = command.image_variants(path)
+
+    def pixels(url: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+
+    a, b = pixels(variant(1)), pixels(variant(2))
+    assert a.shape == b.shape == (20, 30, 3) and variant(1) != variant(2)
+    assert (a != b).any(axis=-1).sum() == 1

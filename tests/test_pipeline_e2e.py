@@ -364,3 +364,23 @@ def test_logprobs_n_and_seed_through_the_openai_client(client):
         assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in choice.logprobs.content)
     assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
     assert first.usage.completion_tokens == 12
+
+
+def test_kimi_vl_bench_against_the_real_server(app, tmp_path):
+    """The load tool end to end against the served pipeline: cold first turns, cached later ones."""
+    import asyncio
+
+    from services.bench.command import image_data_url, image_variants
+    from services.bench.loadgen import BenchConfig, run_benchmark
+
+    path = tmp_path / "bench.png"
+    path.write_bytes(png(9))
+    config = BenchConfig(
+        url=f"http://127.0.0.1:{app.http_port}{PREFIX}", concurrency=(2,), num_requests=2, turns=2,
+        max_tokens=4, ignore_eos=True, image_url=image_data_url(path), distinct_images=True,
+        image_for=image_variants(path), warmup=0, progress=False,
+    )  # fmt: skip
+    level = asyncio.run(run_benchmark(config)).levels[0]
+    assert level.requests_ok == 4 and level.requests_failed == 0 and level.completion_tokens_total == 16
+    first, later = level.cached_token_fraction_by_turn
+    assert later > first

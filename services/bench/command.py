@@ -12,9 +12,11 @@ import argparse
 import asyncio
 import base64
 import importlib.util
+import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,27 @@ def image_data_url(path: str | Path) -> str:
     except OSError as e:
         raise InvalidInputError(f"--image {path}: cannot read it ({e.strerror or e})") from e
     return f"data:image/{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def image_variants(path: str | Path) -> Callable[[int], str]:
+    """conversation -> a PNG data URL of the image with its top-left pixel set from the number:
+    other bytes and other pixels for every conversation, so no cache serves one from another's."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            base = opened.convert("RGB")
+    except OSError as e:
+        raise InvalidInputError(f"--image {path}: not a readable image ({e})") from e
+
+    def variant(conversation: int) -> str:
+        image = base.copy()
+        image.putpixel((0, 0), (conversation % 256, conversation // 256 % 256, conversation // 65536 % 256))
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return f"data:image/png;base64,{base64.b64encode(out.getvalue()).decode('ascii')}"
+
+    return variant
 
 
 def _positive_int(text: str) -> int:
@@ -92,6 +115,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="send identical conversations (default: each starts with its own number)",
     )
+    p.add_argument(
+        "--distinct-images",
+        action="store_true",
+        help="give each conversation its own copy of --image (one pixel changed), so first turns are cold",
+    )
     p.add_argument("--model", default=None, help="model name (default: the first from GET /v1/models)")
     p.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY, else EMPTY")
     p.add_argument(
@@ -124,6 +152,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         prompt=args.prompt,
         image=args.image,
         image_url=None if args.image is None else image_data_url(args.image),
+        distinct_images=bool(args.distinct_images and args.image),
+        image_for=image_variants(args.image) if args.distinct_images and args.image else None,
         model=args.model,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
         warmup=args.warmup,

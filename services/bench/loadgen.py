@@ -47,7 +47,7 @@ FOLLOW_UPS = (
 # BenchConfig fields copied into the report as they are
 _REPORTED_SETTINGS = (
     *("url", "image", "turns", "max_tokens", "num_requests"),
-    *("temperature", "ignore_eos", "shared_prefix", "warmup"),
+    *("temperature", "ignore_eos", "shared_prefix", "warmup", "distinct_images"),
 )
 
 
@@ -66,6 +66,8 @@ class BenchConfig:
     prompt: str = DEFAULT_PROMPT
     image: str | None = None  # the path, for the report
     image_url: str | None = None
+    distinct_images: bool = False  # each conversation its own picture (`image_for`), for the report
+    image_for: Callable[[int], str] | None = field(default=None, compare=False)  # conversation -> URL
     model: str | None = None  # None: the first id from GET /v1/models
     api_key: str = "EMPTY"
     warmup: int = 1  # untimed conversations before each level
@@ -200,10 +202,9 @@ class LoadRunner:
         prefix = None if config.shared_prefix else conversation_prefix(config.run_id, conversation)
         answers: list[str] = []
         results: list[RequestResult] = []
+        image_url = config.image_for(conversation) if config.image_for is not None else config.image_url
         for turn in range(1, config.turns + 1):
-            messages = conversation_messages(
-                config.prompt, answers, prefix=prefix, image_url=config.image_url
-            )
+            messages = conversation_messages(config.prompt, answers, prefix=prefix, image_url=image_url)
             result, answer = await self.send(messages, conversation, turn)
             results.append(result)
             advance(1)

@@ -191,6 +191,7 @@ class BenchReport:
     warmup: int
     started_at: str  # ISO 8601, UTC
     levels: list[LevelReport]
+    distinct_images: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
