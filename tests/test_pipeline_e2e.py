@@ -288,8 +288,12 @@ def test_grpc_chat_matches_http_and_maps_errors(client, app):
             list(stub.Chat(grpc_request(b"not an image", "?"), metadata=metadata))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "messages[0].content[0].image" in info.value.details()
-        with pytest.raises(grpc.RpcError) as info:
-            list(stub.Chat(grpc_request(image, "?", max_new_tokens=3000), metadata=metadata, timeout=1.5))
+        with pytest.raises(grpc.RpcError) as info:  # the request's own deadline, enforced by the decoder
+            # 12,000 tokens take minutes: freed within the wait below means aborted, not finished
+            list(stub.Chat(grpc_request(image, "?", max_new_tokens=12000, timeout_s=1.0), metadata=metadata))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(grpc.RpcError) as info:  # the client's gRPC deadline
+            list(stub.Chat(grpc_request(image, "?", max_new_tokens=300), metadata=metadata, timeout=0.5))
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         health = health_pb2_grpc.HealthStub(channel)
         answer = health.Check(health_pb2.HealthCheckRequest(service="kimi_vl.v1.Chat"), metadata=metadata)

@@ -10,6 +10,10 @@ rank with nothing scheduled runs `idle_forward`, which joins each layer's collec
 empty batch. The steps are synchronised; the requests are not. New requests go to the rank with
 the fewest running and waiting sequences, then the lowest KV usage.
 
+Exposure: the rendezvous store and the collectives (gloo, NCCL) have no authentication, as in
+every torch.distributed job; on one machine they stay on loopback, in a cluster they listen on
+the nodes' addresses, which the cluster's network policy must keep to its own pods.
+
 Faults: a rank that dies, or a step that does not finish within `step_timeout_s` (a stalled
 collective: gloo and NCCL give up after `collective_timeout_s`), raises
 `UpstreamUnavailableError` from `step`. The async front then fails every open request with that
@@ -19,6 +23,7 @@ whole group.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -105,6 +110,8 @@ class EPRankWorker:
         if num_threads:
             torch.set_num_threads(num_threads)
         backend = "nccl" if device.startswith("cuda") else "gloo"
+        if ipaddress.ip_address(master[0]).is_loopback:  # one machine: keep gloo's sockets on loopback
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         dist.init_process_group(
             backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank, world_size=self.size,
             timeout=timedelta(seconds=timeout_s),
