@@ -17,6 +17,7 @@ from services.common.checkpoint import write_checkpoint
 from services.decoder.engine import EngineConfig
 from services.decoder.params import SamplingParams
 from services.generate import OfflinePipeline
+from services.pipeline.local import ONE_REPLICA
 
 pytest_plugins = ["services_fixtures", "redis_fixtures"]
 
@@ -53,7 +54,7 @@ def deploy(serve_instance, checkpoint, size: int, app: str, placement_file: str 
 
     from services.pipeline import build_app
 
-    zero = {"ray_actor_options": {"num_cpus": 0}, "num_replicas": 1}
+    zero = {"ray_actor_options": {"num_cpus": 0}, "autoscaling_config": ONE_REPLICA}
     names = ("ChatIngress", "PreprocessServer", "VisionEncoderServer")
     decoder = {**zero, "health_check_period_s": 1, "health_check_timeout_s": 10}
     args = {

@@ -28,6 +28,7 @@ from services.decoder.engine import EngineConfig
 from services.decoder.params import SamplingParams
 from services.generate import OfflinePipeline
 from services.pipeline.demo import demo_video, image_question
+from services.pipeline.local import ONE_REPLICA
 
 pytest_plugins = ["services_fixtures", "redis_fixtures"]
 
@@ -77,7 +78,7 @@ def app(serve_instance, redis_server, checkpoint):
     from services.pipeline import build_app
 
     redis_server.ensure_running()
-    zero = {"ray_actor_options": {"num_cpus": 0}, "num_replicas": 1}
+    zero = {"ray_actor_options": {"num_cpus": 0}, "autoscaling_config": ONE_REPLICA}
     names = ("ChatIngress", "PreprocessServer", "VisionEncoderServer", "DecoderServer")
     args = {
         "checkpoint_dir": str(checkpoint),
@@ -292,8 +293,8 @@ def test_grpc_chat_matches_http_and_maps_errors(client, app):
             # 12,000 tokens take minutes: freed within the wait below means aborted, not finished
             list(stub.Chat(grpc_request(image, "?", max_new_tokens=12000, timeout_s=1.0), metadata=metadata))
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        with pytest.raises(grpc.RpcError) as info:  # the client's gRPC deadline
-            list(stub.Chat(grpc_request(image, "?", max_new_tokens=300), metadata=metadata, timeout=0.5))
+        with pytest.raises(grpc.RpcError) as info:  # the client's gRPC deadline must reach the decoder too
+            list(stub.Chat(grpc_request(image, "?", max_new_tokens=12000), metadata=metadata, timeout=1.5))
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         health = health_pb2_grpc.HealthStub(channel)
         answer = health.Check(health_pb2.HealthCheckRequest(service="kimi_vl.v1.Chat"), metadata=metadata)

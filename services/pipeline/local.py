@@ -36,6 +36,7 @@ GRPC_SERVICER_FUNCTIONS = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 READY_TIMEOUT_S = 600.0
+ONE_REPLICA = {"min_replicas": 1, "max_replicas": 1}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -108,8 +109,10 @@ def _local_placement(config: dict[str, Any], num_cpus: int) -> dict[str, Any]:
     """One replica of each stage on this machine. Only the decoder reserves CPUs (its torch
     threads); the others share what is left. A config's autoscaling is kept, its resources not."""
     out: dict[str, Any] = {}
+    # one replica as autoscaling between 1 and 1, not `num_replicas: 1`: with a fixed replica count,
+    # Serve 2.60 does not cancel a gRPC stream whose client's deadline passed (tests/test_pipeline_e2e)
     for name in ("ChatIngress", "PreprocessServer", "VisionEncoderServer", "DecoderServer"):
-        out[name] = {"ray_actor_options": {"num_cpus": 0, "num_gpus": 0}, "num_replicas": 1}
+        out[name] = {"ray_actor_options": {"num_cpus": 0, "num_gpus": 0}, "autoscaling_config": ONE_REPLICA}
     for entry in config.get("deployments") or []:
         if entry.get("name") in out and entry.get("autoscaling_config"):
             scaling = dict(entry["autoscaling_config"])
