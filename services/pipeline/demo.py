@@ -31,6 +31,16 @@ class TurnResult:
     cached_tokens: int
     completion_tokens: int
 
+    @classmethod
+    def timed(
+        cls, answer: str, times: tuple[float, float | None, float], prompt: int, cached: int, completion: int
+    ) -> TurnResult:
+        """From (start, first text, end) times; no text at all counts its first token at the end."""
+        start, first, end = times
+        first = first if first is not None else end
+        rate = (completion - 1) / (end - first) if completion > 1 and end > first else 0.0
+        return cls(answer, first - start, rate, prompt, cached, completion)
+
     def line(self, label: str) -> str:
         return (
             f"[{label}] first token {self.ttft_s * 1000:.0f} ms, {self.tokens_per_s:.1f} tokens/s, "
@@ -91,13 +101,9 @@ def chat_turn(client: Any, model: str, messages: list[dict[str, Any]], max_token
                 first = first if first is not None else time.perf_counter()
                 parts.append(choice.delta.content)
     end = time.perf_counter()
-    completion = usage.completion_tokens if usage else 0
-    first = first if first is not None else end
     cached = usage.prompt_tokens_details.cached_tokens if usage and usage.prompt_tokens_details else 0
-    rate = (completion - 1) / (end - first) if completion > 1 and end > first else 0.0
-    return TurnResult(
-        "".join(parts), first - start, rate, usage.prompt_tokens if usage else 0, cached or 0, completion
-    )
+    counts = (usage.prompt_tokens, cached or 0, usage.completion_tokens) if usage else (0, 0, 0)
+    return TurnResult.timed("".join(parts), (start, first, end), *counts)
 
 
 def image_question(image: bytes, question: str, **sampling: Any) -> Any:
@@ -133,13 +139,8 @@ def grpc_turn(target: str, image: bytes, question: str, api_key: str | None) -> 
             if msg.HasField("usage"):
                 usage = msg.usage
         end = time.perf_counter()
-    completion = usage.completion_tokens if usage else 0
-    first = first if first is not None else end
-    rate = (completion - 1) / (end - first) if completion > 1 and end > first else 0.0
-    prompt = usage.prompt_tokens if usage else 0
-    return TurnResult(
-        "".join(parts), first - start, rate, prompt, usage.cached_tokens if usage else 0, completion
-    )
+    counts = (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) if usage else (0, 0, 0)
+    return TurnResult.timed("".join(parts), (start, first, end), *counts)
 
 
 def run_demo(

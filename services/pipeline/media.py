@@ -16,8 +16,6 @@ Knows nothing about Ray or HTTP: the preprocess call is injected.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +27,14 @@ from services.frontend.openai_convert import VideoOptions
 from services.frontend.openai_protocol import ProtocolError
 from services.pipeline.manifest import ManifestStore, MediaManifest, Segment, manifest_key
 from services.preprocess.core import PreprocessEngine, PreprocessLimits, concat_items, source_hash
-from services.preprocess.media import MediaInput, MediaKind, decode_data_url, resolve_kind, sniff
+from services.preprocess.media import (
+    MediaInput,
+    MediaKind,
+    decode_base64,
+    decode_data_url,
+    resolve_kind,
+    sniff,
+)
 from services.preprocess.video import VideoSampling
 from services.vision_encoder.transport import EncodeResult
 
@@ -102,10 +107,9 @@ class MediaResolver:
         if not sources:
             return [], stats
         fingerprint = await self._fingerprint()
-        inputs = [self._input(source) for source in sources]
+        inputs, kinds = zip(*(self._input(source) for source in sources), strict=True)
         keys = [
-            self._key(source, item, sampling, fingerprint)
-            for source, item in zip(sources, inputs, strict=True)
+            self._key(item, kind, sampling, fingerprint) for item, kind in zip(inputs, kinds, strict=True)
         ]
         stored = (
             [None] * len(keys)
@@ -131,16 +135,17 @@ class MediaResolver:
             if key:
                 await asyncio.to_thread(self.store.delete, key)
 
-    def _input(self, source: MediaSource) -> MediaInput:
-        """The item with its bytes in hand (URLs are left to the preprocess replica)."""
+    def _input(self, source: MediaSource) -> tuple[MediaInput, MediaKind | None]:
+        """The item with its bytes in hand, and the kind its leading bytes say (None for a URL,
+        which is left to the preprocess replica)."""
         if source.url is not None:
-            return MediaInput(kind=source.kind, url=source.url)
+            return MediaInput(kind=source.kind, url=source.url), None
         try:
             data = self._bytes(source)
-            resolve_kind(source.kind, sniff(data))
+            kind = resolve_kind(source.kind, sniff(data))
         except InvalidInputError as e:
             raise ProtocolError(str(e), param=source.param, code="invalid_media") from e
-        return MediaInput(kind=source.kind, data=data)
+        return MediaInput(kind=source.kind, data=data), kind
 
     def _bytes(self, source: MediaSource) -> bytes:
         limit = self.limits.max_bytes(source.kind)
@@ -149,10 +154,7 @@ class MediaResolver:
         elif source.data_url is not None:
             data = decode_data_url(source.data_url, limit)
         elif source.base64 is not None:
-            try:
-                data = base64.b64decode(source.base64 + "=" * (-len(source.base64) % 4), validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise InvalidInputError(f"invalid base64: {e}") from e
+            data = decode_base64(source.base64, limit)
         else:
             raise InternalError("a media source without bytes or URL")
         if len(data) > limit:
@@ -162,11 +164,10 @@ class MediaResolver:
         return data
 
     def _key(
-        self, source: MediaSource, item: MediaInput, sampling: VideoSampling, fingerprint: str
+        self, item: MediaInput, kind: MediaKind | None, sampling: VideoSampling, fingerprint: str
     ) -> str | None:
-        if item.data is None:
+        if item.data is None or kind is None:
             return None  # a URL: its bytes are not here to hash
-        kind = resolve_kind(source.kind, sniff(item.data))
         return manifest_key(fingerprint, source_hash(kind, item.data, self.processor, sampling))
 
     async def _prepare_one(
