@@ -21,11 +21,11 @@ import grpc
 import pytest
 
 GRPC_SERVICER_FUNCTIONS = [
-    "protos.kimi_vl.v1.preprocess_pb2_grpc.add_PreprocessServicer_to_server",
-    "protos.kimi_vl.v1.encode_pb2_grpc.add_EncoderServicer_to_server",
-    "protos.kimi_vl.v1.generate_pb2_grpc.add_GeneratorServicer_to_server",
-    "protos.kimi_vl.v1.chat_pb2_grpc.add_ChatServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "services.common.grpc_proxy.add_preprocess_servicer",
+    "services.common.grpc_proxy.add_encoder_servicer",
+    "services.common.grpc_proxy.add_generator_servicer",
+    "services.common.grpc_proxy.add_chat_servicer",
+    "services.common.grpc_proxy.add_health_servicer",
 ]
 
 

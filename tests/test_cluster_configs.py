@@ -85,6 +85,15 @@ def test_deployment_names_are_those_the_builder_creates(name: str) -> None:
         assert not unknown, f"{name}: {app['name']} configures deployments its builder lacks: {unknown}"
 
 
+@pytest.mark.parametrize("name", SERVE_CONFIGS)
+def test_grpc_services_are_registered_cancel_safe(name: str) -> None:
+    """Serve's generated-servicer registration lets cancelled streams run on (services.common.grpc_proxy)."""
+    for path in _load(CLUSTER / name)["grpc_options"]["grpc_servicer_functions"]:
+        module, function = path.rsplit(".", 1)
+        assert module == "services.common.grpc_proxy", f"{name}: {path} is not a cancel-safe registration"
+        assert callable(getattr(importlib.import_module(module), function))
+
+
 def test_pipeline_names_match_the_stage_servers() -> None:
     for module in ("preprocess", "vision_encoder", "decoder"):
         assert _deployment_names(f"services.{module}.server:build_app") <= PIPELINE_DEPLOYMENTS

@@ -293,9 +293,12 @@ def test_grpc_chat_matches_http_and_maps_errors(client, app):
             # 12,000 tokens take minutes: freed within the wait below means aborted, not finished
             list(stub.Chat(grpc_request(image, "?", max_new_tokens=12000, timeout_s=1.0), metadata=metadata))
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        with pytest.raises(grpc.RpcError) as info:  # the client's gRPC deadline must reach the decoder too
-            list(stub.Chat(grpc_request(image, "?", max_new_tokens=12000), metadata=metadata, timeout=1.5))
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(3):  # the client's gRPC deadline must reach the decoder too, however it falls
+            with pytest.raises(grpc.RpcError) as info:
+                list(
+                    stub.Chat(grpc_request(image, "?", max_new_tokens=12000), metadata=metadata, timeout=1.5)
+                )
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         health = health_pb2_grpc.HealthStub(channel)
         answer = health.Check(health_pb2.HealthCheckRequest(service="kimi_vl.v1.Chat"), metadata=metadata)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING

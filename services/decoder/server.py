@@ -65,7 +65,7 @@ from services.vision_encoder.redis_cache import DEFAULT_SOCKET_TIMEOUT_S, RedisE
 
 logger = logging.getLogger(__name__)
 
-GRPC_SERVICER_FUNCTION = "protos.kimi_vl.v1.generate_pb2_grpc.add_GeneratorServicer_to_server"
+GRPC_SERVICER_FUNCTION = "services.common.grpc_proxy.add_generator_servicer"
 DEPLOYMENT_NAME = "DecoderServer"
 DEFAULT_NUM_CPUS = 1.0
 DEFAULT_MAX_ONGOING_REQUESTS = 128  # twice the engine's default max_num_seqs: a full batch + a queue

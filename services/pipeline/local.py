@@ -26,15 +26,12 @@ from typing import Any
 import yaml
 
 from services.common.errors import InvalidInputError
+from services.common.grpc_proxy import PIPELINE_SERVICER_FUNCTIONS
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "kimi-vl"
 DEFAULT_CHECKPOINT = Path("checkpoints") / "tiny"
-GRPC_SERVICER_FUNCTIONS = [
-    "protos.kimi_vl.v1.chat_pb2_grpc.add_ChatServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
 READY_TIMEOUT_S = 600.0
 ONE_REPLICA = {"min_replicas": 1, "max_replicas": 1}
 
@@ -109,8 +106,7 @@ def _local_placement(config: dict[str, Any], num_cpus: int) -> dict[str, Any]:
     """One replica of each stage on this machine. Only the decoder reserves CPUs (its torch
     threads); the others share what is left. A config's autoscaling is kept, its resources not."""
     out: dict[str, Any] = {}
-    # one replica as autoscaling between 1 and 1, not `num_replicas: 1`: with a fixed replica count,
-    # Serve 2.60 does not cancel a gRPC stream whose client's deadline passed (tests/test_pipeline_e2e)
+    # one replica as autoscaling between 1 and 1: the key a config's own autoscaling replaces below
     for name in ("ChatIngress", "PreprocessServer", "VisionEncoderServer", "DecoderServer"):
         out[name] = {"ray_actor_options": {"num_cpus": 0, "num_gpus": 0}, "autoscaling_config": ONE_REPLICA}
     for entry in config.get("deployments") or []:
@@ -201,7 +197,7 @@ def _serve(
 
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=args.http_port),
-        grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+        grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=PIPELINE_SERVICER_FUNCTIONS),
     )
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     http_url = f"http://127.0.0.1:{args.http_port}"

@@ -39,7 +39,7 @@ from services.preprocess.video import VideoSampling
 
 logger = logging.getLogger(__name__)
 
-GRPC_SERVICER_FUNCTION = "protos.kimi_vl.v1.preprocess_pb2_grpc.add_PreprocessServicer_to_server"
+GRPC_SERVICER_FUNCTION = "services.common.grpc_proxy.add_preprocess_servicer"
 DEPLOYMENT_NAME = "PreprocessServer"
 DEFAULT_NUM_CPUS = 1.0
 DEFAULT_MAX_ONGOING_REQUESTS = 8

@@ -80,7 +80,7 @@ from services.vision_encoder.transport import (
 
 logger = logging.getLogger(__name__)
 
-GRPC_SERVICER_FUNCTION = "protos.kimi_vl.v1.encode_pb2_grpc.add_EncoderServicer_to_server"
+GRPC_SERVICER_FUNCTION = "services.common.grpc_proxy.add_encoder_servicer"
 DEPLOYMENT_NAME = "VisionEncoderServer"
 DEFAULT_NUM_CPUS = 1.0
 DEFAULT_MAX_ONGOING_REQUESTS = 16
