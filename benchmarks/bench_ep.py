@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -30,7 +31,7 @@ import torch.multiprocessing as mp
 
 from services.common.checkpoint import build_config
 from services.common.config import TextConfig, parse_config
-from services.decoder.expert_parallel import EPContext, shard_experts
+from services.decoder.expert_parallel import EPContext, ShardedExperts
 from services.decoder.moe import MoE
 
 SPECIALS = {"[BOS]": 1, "<|im_end|>": 2, "[PAD]": 0, "<|media_pad|>": 3}
@@ -44,8 +45,9 @@ def build_layer(cfg: TextConfig, ep: EPContext | None) -> MoE:
     torch.manual_seed(0)  # every rank builds the same router
     with torch.device("meta"):
         layer = MoE(cfg)
-    if ep is not None:
-        shard_experts(layer, ep)
+        if ep is not None:  # this rank's experts only, as `shard_experts` does to a whole model
+            sizes = (cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+            layer.experts = ShardedExperts(ep, *sizes, top_k=cfg.num_experts_per_tok)
     layer.to_empty(device="cpu")
     with torch.no_grad():
         for p in layer.parameters():
@@ -126,21 +128,35 @@ COLLECTIVE_LATENCY_S = 15e-6  # per all_to_all_single call on 8 GPUs
 
 
 def project_ep8(batch: int = 256, ranks: int = 8) -> dict:
-    """One decode step of the released model (26 MoE layers, bf16) on 8 GPUs, per rank."""
+    """One decode step of the released model (26 MoE layers, bf16) on 8 GPUs, per rank.
+
+    Dispatch sends one row per (token, other rank owning any of its experts), plus its slots
+    (2 · top_k fp32) in the same call; combine returns one partial row each. With uniform routing,
+    an other rank owns one of a token's K experts with probability 1 - C(E - E/N, K) / C(E, K).
+    For comparison, "per_slot" is the earlier design: one row per (token, slot) on another rank,
+    and the ids in a call of their own.
+    """
     hidden, experts, inter, top_k, layers = 2048, 64, 1408, 6, 26
     local = experts // ranks
     weight_bytes = local * 3 * hidden * inter * 2  # this rank's experts, read once per layer
-    rows = batch * top_k  # rows each rank computes (uniform routing)
+    rows = batch * top_k  # (row, slot) pairs each rank computes (uniform routing)
     flops = rows * 3 * hidden * inter * 2
     compute_s = max(weight_bytes / GPU_HBM_BYTES_PER_S, flops / GPU_BF16_FLOPS)
-    remote_rows = batch * top_k * (ranks - 1) / ranks
-    wire_bytes = remote_rows * hidden * 2  # each way
-    comm_s = 2 * wire_bytes / NVLINK_BYTES_PER_S + 3 * COLLECTIVE_LATENCY_S
+    hit = 1 - math.comb(experts - local, top_k) / math.comb(experts, top_k)
+    remote_rows = batch * (ranks - 1) * hit
+    wire_bytes = remote_rows * (hidden * 2 + 2 * top_k * 4)  # each way (the slots go out only)
+    comm_s = 2 * wire_bytes / NVLINK_BYTES_PER_S + 3 * COLLECTIVE_LATENCY_S  # counts, rows, back
+    slot_rows = batch * top_k * (ranks - 1) / ranks
+    slot_bytes = slot_rows * hidden * 2
+    slot_comm_s = 2 * slot_bytes / NVLINK_BYTES_PER_S + 4 * COLLECTIVE_LATENCY_S  # counts, rows, ids, back
     return {
         "batch_per_rank": batch,
-        "per_layer_us": {"experts": compute_s * 1e6, "dispatch_plus_combine": comm_s * 1e6},
-        "per_step_ms": {"experts": layers * compute_s * 1e3, "dispatch_plus_combine": layers * comm_s * 1e3},
-        "bytes_each_way_per_layer": wire_bytes,
+        "remote_rows_per_token": {"per_rank": remote_rows / batch, "per_slot": slot_rows / batch},
+        "per_layer_us": {"experts": compute_s * 1e6, "dispatch_plus_combine": comm_s * 1e6,
+                         "dispatch_plus_combine_per_slot": slot_comm_s * 1e6},
+        "per_step_ms": {"experts": layers * compute_s * 1e3, "dispatch_plus_combine": layers * comm_s * 1e3,
+                        "dispatch_plus_combine_per_slot": layers * slot_comm_s * 1e3},
+        "bytes_each_way_per_layer": {"per_rank": wire_bytes, "per_slot": slot_bytes},
         "assumed": {"hbm_bytes_per_s": GPU_HBM_BYTES_PER_S, "bf16_flops": GPU_BF16_FLOPS,
                     "nvlink_bytes_per_s": NVLINK_BYTES_PER_S, "collective_latency_s": COLLECTIVE_LATENCY_S},
     }  # fmt: skip

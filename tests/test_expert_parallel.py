@@ -48,18 +48,23 @@ def _rank_main(rank: int, size: int, port: int, root: str, out: str, counts: lis
         results = {"bytes": stats.bytes, "keys": stats.keys, "outputs": [], "moved": []}
         with torch.inference_mode():
             for layer in moe_layers(model):
-                if forced:  # every row goes to the next rank's experts, each of which gets rows
+                if forced:  # every token picks two of the next rank's experts; each expert gets rows
                     experts = layer.experts
-                    owner, per = (rank + 1) % size, len(experts.owned)
-                    ids = torch.tensor([[owner * per + e % per] for e in range(x.shape[0])])
-                    weights = torch.full((x.shape[0], 1), 0.5)
-                    results["outputs"].append(experts(x, weights, ids.to(torch.int32)))
+                    ids, weights = forced_routing(rank, size, len(experts.owned), x.shape[0])
+                    results["outputs"].append(experts(x, weights, ids))
                 else:
                     results["outputs"].append(layer(x))
                 results["moved"].append(layer.experts.last.rows_sent)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def forced_routing(rank: int, size: int, per: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token i picks experts i and i + 1 (mod E/N) of the next rank, weighted 0.5 and 0.25."""
+    base = (rank + 1) % size * per
+    ids = torch.tensor([[base + i % per, base + (i + 1) % per] for i in range(tokens)], dtype=torch.int32)
+    return ids, torch.tensor([[0.5, 0.25]]).expand(tokens, 2)
 
 
 def run_group(root: Path, tmp: Path, size: int, counts: list[int], forced: bool = False) -> list[dict]:
@@ -110,10 +115,10 @@ def test_every_expert_fed_from_another_rank(checkpoint, whole, tmp_path):
         for rank, got in enumerate(ranks):
             x = tokens_for(rank, counts)
             for layer, out in zip(moe_layers(model), got["outputs"], strict=True):
-                ids = torch.tensor([[(rank + 1) % 2 * 4 + e % 4] for e in range(8)], dtype=torch.int32)
-                want = layer.experts(x, torch.full((8, 1), 0.5), ids)
-                torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-            assert got["moved"] == [8] * len(got["moved"])  # every row crossed
+                ids, weights = forced_routing(rank, 2, layer.experts.num_experts // 2, 8)
+                torch.testing.assert_close(out, layer.experts(x, weights, ids), rtol=1e-5, atol=1e-6)
+            # every token crossed, once for its two experts on the other rank
+            assert got["moved"] == [8] * len(got["moved"])
 
 
 def test_context_checks():

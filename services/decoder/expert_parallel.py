@@ -3,13 +3,16 @@
 Rank r of N holds experts [r·E/N, (r+1)·E/N) and loads only those from the checkpoint. Each rank
 routes its own tokens, then every MoE layer runs
 
-    route (local) ─dispatch: all_to_all_single of the (token, slot) rows, grouped by owner rank→
-    owner's experts (grouped GEMM, K = 1 per row) ─combine: the inverse all_to_all_single→
-    Σ_k w[t,k] · row[t,k] in fp32 (local)
+    route (local) ─dispatch: all_to_all_single of one row per (token, owner rank), carrying the
+    token's slots on that rank (local expert ids and weights)→ owner's experts (grouped GEMM,
+    K = 1 per (row, slot)), Σ of the row's slots in fp32 ─combine: the inverse all_to_all_single
+    of one partial row each→ Σ over ranks in fp32 (local)
 
-so a token's hidden state crosses the interconnect once per chosen expert that another rank
-owns, and comes back once. Attention, the dense layers and the shared experts stay local: they run
-on each rank's own tokens (data-parallel attention).
+so a token's hidden state crosses the interconnect once per other rank that owns any of its
+chosen experts, however many of them it owns (as DeepEP does), and one partial sum comes back
+from each. With K = 6 of 64 experts chosen uniformly, that is 4.5 rows per token at N = 8
+instead of 6, 3.4 at N = 4 and 2.0 at N = 2. Attention, the dense layers and the shared experts
+stay local: they run on each rank's own tokens (data-parallel attention).
 
 The collectives are `torch.distributed` (NCCL on GPU, gloo on CPU) on the group in `EPContext`,
 an explicit argument: nothing here is process-global. Every rank must call every MoE layer the
@@ -76,10 +79,10 @@ class DispatchStats:
     """What the last dispatch moved (for benchmarks and the expert-load metrics). The phase times
     are measured only when `ShardedExperts.profile` is set (they synchronise CUDA)."""
 
-    rows_sent: int = 0  # (token, slot) rows this rank sent to other ranks
+    rows_sent: int = 0  # (token, rank) rows this rank sent to other ranks
     rows_received: int = 0  # rows other ranks sent here
-    bytes_moved: int = 0  # payload bytes this rank sent, both directions (dispatch + combine)
-    rows_per_expert: torch.Tensor | None = None  # [E/N] rows each local expert computed
+    bytes_moved: int = 0  # bytes to and from other ranks for this rank's rows (dispatch + combine)
+    rows_per_expert: torch.Tensor | None = None  # [E/N] (row, slot) pairs each local expert computed
     dispatch_s: float = 0.0  # counts exchange + rows out (including waiting for slower ranks)
     compute_s: float = 0.0  # the local experts
     combine_s: float = 0.0  # rows back + the weighted sum
@@ -118,8 +121,10 @@ class ShardedExperts(FusedExperts):
         hidden_size: int,
         intermediate_size: int,
         layer: int | None = None,
+        top_k: int = 1,
     ) -> None:
         placement = ctx.placement(num_experts, layer)
+        self.top_k = top_k  # the slots per row on the wire: every rank's must agree, even with no tokens
         self.owned = placement[ctx.rank]
         super().__init__(len(self.owned), hidden_size, intermediate_size)
         self.ctx = ctx
@@ -156,48 +161,76 @@ class ShardedExperts(FusedExperts):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_weights [T, K] fp32, topk_ids [T, K] (global expert ids) -> [T, H]."""
         clock = _Clock(self.profile, x.device)
-        t, k = topk_ids.shape
-        hidden = x.shape[1]
-        per, size, group = len(self.owned), self.ctx.size, self.ctx.group
-        flat = topk_ids.reshape(-1).long()  # [T·K]
-        owner_of, local_of = self._lookup(flat.device)
-        owner = owner_of[flat]
-        order = torch.argsort(owner, stable=True)  # rows grouped by owner rank
-        send_counts = torch.bincount(owner, minlength=size)  # [N]
+        t, hidden, group = x.shape[0], x.shape[1], self.ctx.group
+        pair_token, send_counts, meta = self._plan(topk_weights, topk_ids)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        # dispatch: each row once to its owner, with the owner's local expert id
-        rows = x.index_select(0, order // k)  # [T·K, H]
-        local_ids = local_of[flat].index_select(0, order)
-        got_rows = x.new_empty(sum(recv), hidden)
-        got_ids = local_ids.new_empty(sum(recv))
-        dist.all_to_all_single(got_rows, rows, recv, send, group=group)
-        dist.all_to_all_single(got_ids, local_ids, recv, send, group=group)
+        # dispatch: each (token, rank) row once, its slots on that rank appended to it as raw
+        # bytes (one call, not two; fp32 meta viewed as x's dtype, bit for bit)
+        packed = torch.cat([x.index_select(0, pair_token), meta.view(x.dtype)], dim=1)
+        got = packed.new_empty(sum(recv), packed.shape[1])
+        dist.all_to_all_single(got, packed, recv, send, group=group)
         dispatch_s = clock.lap()
-        # the owner's experts, one expert per row, unweighted (the weights stay with the token)
-        done = self._run_local(got_rows, got_ids)
+        got_meta = got[:, hidden:].contiguous().view(torch.float32)
+        partial, rows_per_expert = self._run_owned(got[:, :hidden], got_meta)
         compute_s = clock.lap()
-        # combine: rows back to where they came from, then the weighted sum in fp32
-        back = x.new_empty(t * k, hidden)
-        dist.all_to_all_single(back, done, send, recv, group=group)
-        pairs = torch.empty_like(back)
-        pairs[order] = back
-        out = (pairs.float().view(t, k, hidden) * topk_weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        # combine: the partial sums back to their tokens' ranks, summed there in fp32
+        back = x.new_empty(pair_token.shape[0], hidden)
+        dist.all_to_all_single(back, partial.to(x.dtype), send, recv, group=group)
+        out = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
+        out.index_add_(0, pair_token, back.float())
         combine_s = clock.lap()
-        mine = send[self.ctx.rank]
-        rows_per_expert = torch.bincount(got_ids, minlength=per)
         self.tokens_total += rows_per_expert.cpu()
+        sent = len(pair_token) - send[self.ctx.rank]
         self.last = DispatchStats(
-            rows_sent=t * k - mine,
+            rows_sent=sent,
             rows_received=sum(recv) - recv[self.ctx.rank],
-            bytes_moved=2 * (t * k - mine) * hidden * x.element_size(),
+            bytes_moved=sent * (2 * hidden * x.element_size() + meta.shape[1] * meta.element_size()),
             rows_per_expert=rows_per_expert,
             dispatch_s=dispatch_s,
             compute_s=compute_s,
             combine_s=combine_s,
         )
-        return out
+        return out.to(x.dtype)
+
+    def _plan(
+        self, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows to send: one per (token, rank owning any of its experts), grouped by rank.
+
+        Returns each row's token [R], the rows per rank [N], and each row's slots [R, 2·top_k]
+        fp32: per slot the owner's local expert id and the weight, or -1 and 0 where another rank
+        owns the slot, padded to the group's top_k (an idle rank's empty batch comes with K = 1;
+        every rank's width must agree). Ids below 2^24 are exact in fp32.
+        """
+        t, k = topk_ids.shape
+        if k > self.top_k:
+            raise ValueError(f"{k} experts per token, more than the group's top_k {self.top_k}")
+        owner_of, local_of = self._lookup(topk_ids.device)
+        ids = topk_ids.long()
+        owner = owner_of[ids]  # [T, K]
+        wanted = torch.zeros(self.ctx.size, t, dtype=torch.bool, device=ids.device)
+        wanted[owner.t(), torch.arange(t, device=ids.device).expand(k, t)] = True
+        pair_rank, pair_token = wanted.nonzero(as_tuple=True)  # [R] each, rank-major
+        mine = owner.index_select(0, pair_token) == pair_rank.unsqueeze(1)  # [R, K]
+        slot_ids = torch.where(mine, local_of[ids].index_select(0, pair_token), -1).float()
+        slot_w = torch.where(mine, topk_weights.index_select(0, pair_token).float(), 0.0)
+        pad = slot_w.new_zeros(slot_w.shape[0], self.top_k - k)
+        return pair_token, wanted.sum(dim=1), torch.cat([slot_ids, pad - 1, slot_w, pad], dim=1)
+
+    def _run_owned(self, rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows [R, H] with their slots [R, 2·top_k] -> (Σ over each row's slots of w · expert(row)
+        [R, H] fp32, (row, slot) pairs per local expert [E/N]). Each pair runs once, unweighted;
+        the weights are applied here in fp32, so one partial row per row goes back."""
+        k = meta.shape[1] // 2
+        local_ids = meta[:, :k].long()
+        row, slot = (local_ids >= 0).nonzero(as_tuple=True)  # [P]
+        expert = local_ids[row, slot]
+        done = self._run_local(rows.index_select(0, row), expert)  # [P, H]
+        partial = torch.zeros(rows.shape[0], rows.shape[1], dtype=torch.float32, device=rows.device)
+        partial.index_add_(0, row, done.float() * meta[row, k + slot].unsqueeze(1))
+        return partial, torch.bincount(expert, minlength=len(self.owned))
 
     def _lookup(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
@@ -224,7 +257,9 @@ def shard_experts(model: nn.Module, ctx: EPContext) -> nn.Module:
             full = module.experts
             hidden, inter = full.w2.shape[1], full.intermediate_size
             with torch.device(full.w13.device):
-                sharded = ShardedExperts(ctx, full.num_experts, hidden, inter, layer=layer)
+                sharded = ShardedExperts(
+                    ctx, full.num_experts, hidden, inter, layer=layer, top_k=module.cfg.num_experts_per_tok
+                )
             module.experts = sharded.to(full.w13.dtype)
     return model
 
