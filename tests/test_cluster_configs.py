@@ -94,6 +94,17 @@ def test_grpc_services_are_registered_cancel_safe(name: str) -> None:
         assert callable(getattr(importlib.import_module(module), function))
 
 
+@pytest.mark.parametrize("name", SERVE_CONFIGS)
+def test_ep_ranks_go_where_the_decoder_goes(name: str) -> None:
+    """The ranks' placement-group bundles hold the GPUs, so they need the decoder's node labels."""
+    for app in _load(CLUSTER / name)["applications"]:
+        ep = app.get("args", {}).get("decoder", {}).get("ep")
+        if ep is None:
+            continue
+        (decoder,) = [d for d in app["deployments"] if d["name"] == "DecoderServer"]
+        assert ep["label_selector"] == decoder["ray_actor_options"]["label_selector"], name
+
+
 def test_pipeline_names_match_the_stage_servers() -> None:
     for module in ("preprocess", "vision_encoder", "decoder"):
         assert _deployment_names(f"services.{module}.server:build_app") <= PIPELINE_DEPLOYMENTS

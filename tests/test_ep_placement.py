@@ -64,3 +64,15 @@ def test_the_command(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["imbalance"]["1"]["after"] < summary["imbalance"]["1"]["before"]
     assert read_placements(out, 2)[2] == balance(list(reversed(HOT)), 2)
+
+
+def test_rank_bundles_carry_resources_and_the_label_selector():
+    from services.decoder.ep_group import EPSettings, rank_bundles
+
+    settings = EPSettings(size=4, cpus_per_rank=2, label_selector={"kimi-vl/stage": "decoder"})
+    bundles, selectors = rank_bundles(settings, "cuda")
+    assert bundles == [{"CPU": 2, "GPU": 1.0}] * 4
+    assert selectors == [{"kimi-vl/stage": "decoder"}] * 4
+    assert rank_bundles(EPSettings(size=2), "cpu") == ([{"CPU": 1.0}] * 2, None)
+    with pytest.raises(InvalidInputError, match="label_selector"):
+        EPSettings(size=2, label_selector={"kimi-vl/stage": 1})

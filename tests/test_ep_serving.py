@@ -50,19 +50,21 @@ def offline_ids(offline: OfflinePipeline, text: str, max_tokens: int = 8) -> lis
 
 
 def deploy(serve_instance, checkpoint, size: int, app: str, placement_file: str | None = None):
+    import ray
     from ray import serve
 
     from services.pipeline import build_app
 
     zero = {"ray_actor_options": {"num_cpus": 0}, "autoscaling_config": ONE_REPLICA}
     names = ("ChatIngress", "PreprocessServer", "VisionEncoderServer")
+    node_id = ray.get_runtime_context().get_node_id()  # the ranks' bundles must match this node's label
     decoder = {**zero, "health_check_period_s": 1, "health_check_timeout_s": 10}
     args = {
         "checkpoint_dir": str(checkpoint),
         "decoder": {
             "engine": ENGINE, "num_threads": 1, "enable_fault_injection": True,
             "ep": {"size": size, "cpus_per_rank": 0.01, "step_timeout_s": 20, "collective_timeout_s": 15,
-                   "placement_file": placement_file},
+                   "placement_file": placement_file, "label_selector": {"ray.io/node-id": node_id}},
         },
         "deployment_options": {**{n: zero for n in names}, "DecoderServer": decoder},
     }  # fmt: skip

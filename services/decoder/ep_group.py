@@ -61,10 +61,18 @@ class EPSettings:
     step_timeout_s: float = 120.0
     collective_timeout_s: float = 60.0
     placement_file: str | None = None  # `kimi-vl ep-placement` output; None: contiguous experts
+    # node labels every rank's bundle must match (Ray's bundle_label_selector), as the
+    # deployment's own `label_selector` does for the replica: the ranks hold the GPUs
+    label_selector: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise InvalidInputError(f"ep size must be >= 1, got {self.size}")
+        selector = self.label_selector
+        if selector is not None and not (
+            isinstance(selector, dict) and all(isinstance(v, str) for kv in selector.items() for v in kv)
+        ):
+            raise InvalidInputError(f"ep label_selector must map label names to strings, got {selector!r}")
         if self.placement_strategy not in ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"):
             raise InvalidInputError(f"unknown placement strategy {self.placement_strategy!r}")
 
@@ -262,16 +270,28 @@ class EPEngine:
             remove_placement_group(self.placement_group)
 
 
-def start_group(settings: EPSettings, checkpoint_dir: str, dtype: str, device: str, engine: EngineConfig,
-                num_threads: int | None) -> EPEngine:  # fmt: skip
-    """Reserve the ranks' resources together, start one actor per rank, join them into a group."""
+def rank_bundles(
+    settings: EPSettings, device: str
+) -> tuple[list[dict[str, float]], list[dict[str, str]] | None]:
+    """The placement group's bundles, one per rank, and their label selectors (None: any node)."""
     gpus = (
         settings.gpus_per_rank
         if settings.gpus_per_rank is not None
         else (1.0 if device.startswith("cuda") else 0)
     )
     bundle = {"CPU": settings.cpus_per_rank, **({"GPU": gpus} if gpus else {})}
-    group = placement_group([bundle] * settings.size, strategy=settings.placement_strategy)
+    selectors = (
+        [dict(settings.label_selector) for _ in range(settings.size)] if settings.label_selector else None
+    )
+    return [dict(bundle) for _ in range(settings.size)], selectors
+
+
+def start_group(settings: EPSettings, checkpoint_dir: str, dtype: str, device: str, engine: EngineConfig,
+                num_threads: int | None) -> EPEngine:  # fmt: skip
+    """Reserve the ranks' resources together, start one actor per rank, join them into a group."""
+    bundles, selectors = rank_bundles(settings, device)
+    gpus = bundles[0].get("GPU", 0)
+    group = placement_group(bundles, strategy=settings.placement_strategy, bundle_label_selector=selectors)
     ray.get(group.ready(), timeout=600)
     actor = ray.remote(EPRankWorker)
     workers = [
