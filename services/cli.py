@@ -282,7 +282,7 @@ def _cmd_ep_placement(args: argparse.Namespace) -> int:
                 text = f.read()
     except OSError as e:
         raise InvalidInputError(f"cannot read --metrics {source}: {e}") from e
-    result = plan(load_from_metrics(text), args.ranks)
+    result = plan(load_from_metrics(text), args.ranks, args.redundant_per_rank)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({"out": args.out, "ranks": args.ranks, "imbalance": result["imbalance"]}))
@@ -307,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--ranks", type=int, required=True, help="ranks of the expert-parallel group")
     place.add_argument("--out", required=True, help="the placement file (decoder setting ep.placement_file)")
     place.add_argument("--api-key", default=None, help="the server's API key, for a /metrics URL")
+    place.add_argument(
+        "--redundant-per-rank", type=int, default=0,
+        help="extra expert slots per rank, holding copies of the hottest experts (EPLB); default 0",
+    )  # fmt: skip
     place.set_defaults(func=_cmd_ep_placement)
 
     mk = sub.add_parser("make-checkpoint", help="write a small random checkpoint in the official layout")

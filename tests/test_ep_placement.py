@@ -64,6 +64,11 @@ def test_the_command(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["imbalance"]["1"]["after"] < summary["imbalance"]["1"]["before"]
     assert read_placements(out, 2)[2] == balance(list(reversed(HOT)), 2)
+    args = ["ep-placement", "--metrics", str(page), "--ranks", "2", "--out", str(out)]
+    assert main([*args, "--redundant-per-rank", "1"]) == 0
+    capsys.readouterr()
+    assert read_placements(out, 2)[1] == balance(HOT, 2, redundant=1)
+    assert all(len(experts) == 5 for experts in read_placements(out, 2)[1])
 
 
 def test_rank_bundles_carry_resources_and_the_label_selector():
@@ -76,3 +81,49 @@ def test_rank_bundles_carry_resources_and_the_label_selector():
     assert rank_bundles(EPSettings(size=2), "cpu") == ([{"CPU": 1.0}] * 2, None)
     with pytest.raises(InvalidInputError, match="label_selector"):
         EPSettings(size=2, label_selector={"kimi-vl/stage": 1})
+
+
+def test_redundant_slots_copy_an_expert_too_hot_for_one_rank():
+    load = [1000.0] + [1.0] * 7  # one expert has nearly every token: no partition can balance it
+    alone = balance(load, 2)
+    assert imbalance(load, alone) > 1.9
+    copied = balance(load, 2, redundant=1)
+    assert all(0 in experts and len(experts) == 5 for experts in copied)  # a copy on each rank
+    assert sorted({e for experts in copied for e in experts}) == list(range(8))
+    assert imbalance(load, copied) < 1.01
+    with pytest.raises(InvalidInputError, match="redundant"):
+        balance(load, 2, redundant=5)  # more copies than ranks to hold them
+
+
+def test_random_loads_give_valid_placements():
+    import random
+
+    from services.decoder.expert_parallel import check_placement
+
+    rng = random.Random(0)
+    for _ in range(300):
+        ranks = rng.choice([2, 4, 8])
+        n = ranks * rng.choice([1, 2, 4])
+        redundant = rng.randint(0, n * (ranks - 1) // ranks)
+        placement = balance([rng.paretovariate(1.2) for _ in range(n)], ranks, redundant)
+        check_placement(placement, n, ranks)
+        assert {len(experts) for experts in placement} == {n // ranks + redundant}
+
+
+def test_making_room_moves_an_expert_the_spare_rank_lacks():
+    from services.decoder.ep_placement import _make_room
+
+    owned = [[0, 1], [2, 3], [0]]  # placing another copy of 0: only rank 2 has room, and holds 0
+    totals = [2.0, 2.0, 1.0]
+    rank = _make_room(owned, 2, 0, [1.0] * 4, [3, 1, 1, 1], totals)
+    assert rank == 1 and owned == [[0, 1], [3], [0, 2]] and totals == [2.0, 1.0, 2.0]
+
+
+def test_a_replicated_placement_file_is_read_and_checked(tmp_path):
+    path = tmp_path / "placement.json"
+    path.write_text(json.dumps({"ranks": 2, "layers": {"1": [[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]]}}))
+    assert read_placements(path, 2) == {1: ((0, 1, 2, 3, 4), (4, 5, 6, 7, 0))}
+    for bad in ([[0, 0, 1, 2], [3, 4, 5, 6, 7]], [[0, 1, 2, 3], [4, 5, 6, 7, 0]]):
+        path.write_text(json.dumps({"ranks": 2, "layers": {"1": bad}}))
+        with pytest.raises(CheckpointError):
+            read_placements(path, 2)

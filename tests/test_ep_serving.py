@@ -82,18 +82,23 @@ def ask(client: openai.OpenAI, text: str, max_tokens: int = 8) -> list[int]:
     return response.choices[0].model_extra["token_ids"]
 
 
-@pytest.mark.parametrize(("size", "placed"), [(2, True), (4, False)])
-def test_ep_group_answers_as_the_offline_path(serve_instance, checkpoint, offline, tmp_path, size, placed):
-    """EP = 2 starts from a placement file that scatters the experts; EP = 4 from contiguous ones."""
+# the tiny preset's MoE layers are 1 and 2, with 8 experts each
+PLACEMENTS = {
+    2: {"1": [[0, 3, 5, 6], [1, 2, 4, 7]], "2": [[7, 6, 1, 0], [5, 4, 3, 2]]},  # scattered
+    4: {"1": [[0, 1, 2], [3, 4, 0], [5, 6, 1], [7, 0, 1]], "2": [[0, 1, 7], [2, 3, 7], [4, 5, 6], [6, 7, 0]]},
+}  # EP = 4: three slots per rank, experts 0, 1 (layer 1) and 0, 6, 7 (layer 2) on several ranks
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_ep_group_answers_as_the_offline_path(serve_instance, checkpoint, offline, tmp_path, size):
+    """EP = 2 starts from a placement file that scatters the experts; EP = 4 from one that
+    replicates some (a token uses its own rank's copy, or another chosen by token)."""
     from ray import serve
 
     app = f"ep{size}"
-    placement = None
-    if placed:  # the tiny preset's MoE layers are 1 and 2, with 8 experts each
-        layers = {"1": [[0, 3, 5, 6], [1, 2, 4, 7]], "2": [[7, 6, 1, 0], [5, 4, 3, 2]]}
-        placement = tmp_path / "placement.json"
-        placement.write_text(json.dumps({"ranks": 2, "layers": layers}))
-    client = deploy(serve_instance, checkpoint, size, app, str(placement) if placement else None)
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"ranks": size, "layers": PLACEMENTS[size]}))
+    client = deploy(serve_instance, checkpoint, size, app, str(placement))
     try:
         want = [offline_ids(offline, p) for p in PROMPTS]
         assert ask(client, PROMPTS[0]) == want[0]  # one request: the other ranks step empty

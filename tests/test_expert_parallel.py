@@ -5,6 +5,7 @@ noaux_tc routing)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -36,12 +37,14 @@ def tokens_for(rank: int, counts: list[int]) -> torch.Tensor:
     return torch.randn(counts[rank], HIDDEN, generator=torch.Generator().manual_seed(100 + rank))
 
 
-def _rank_main(rank: int, size: int, port: int, root: str, out: str, counts: list[int], forced: bool) -> None:
+def _rank_main(
+    rank: int, size: int, port: int, root: str, out: str, counts: list[int], forced: bool, placements: dict
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
-        ctx = EPContext(rank, size)
+        ctx = EPContext(rank, size, placements=placements)
         stats = LoadStats()
         model = load_text_model(root, torch.float32, ep=ctx, stats=stats)
         x = tokens_for(rank, counts)
@@ -67,11 +70,11 @@ def forced_routing(rank: int, size: int, per: int, tokens: int) -> tuple[torch.T
     return ids, torch.tensor([[0.5, 0.25]]).expand(tokens, 2)
 
 
-def run_group(root: Path, tmp: Path, size: int, counts: list[int], forced: bool = False) -> list[dict]:
-    mp.start_processes(
-        _rank_main, args=(size, free_port(), str(root), str(tmp), counts, forced), nprocs=size,
-        start_method="spawn",
-    )  # fmt: skip
+def run_group(
+    root: Path, tmp: Path, size: int, counts: list[int], forced: bool = False, placements: dict | None = None
+) -> list[dict]:
+    args = (size, free_port(), str(root), str(tmp), counts, forced, placements or {})
+    mp.start_processes(_rank_main, args=args, nprocs=size, start_method="spawn")
     return [torch.load(tmp / f"rank{r}.pt") for r in range(size)]
 
 
@@ -105,6 +108,33 @@ def test_sharded_moe_layers_equal_the_whole_layer(checkpoint, whole, tmp_path, s
     assert sorted(k for got in ranks for k in got["keys"] if ".mlp.experts." in k) == sorted(expert_keys)
     expert_bytes = full.bytes - ranks[0]["bytes"]
     assert expert_bytes > 0 and all(got["bytes"] == ranks[0]["bytes"] for got in ranks)
+
+
+# Experts 0 and 1 (layer 1), 7, 6 and 0 (layer 2) are replicated: three slots per rank for 8 experts
+REPLICATED = {
+    1: ((0, 1, 2), (3, 4, 0), (5, 6, 1), (7, 0, 1)),
+    2: ((0, 1, 7), (2, 3, 7), (4, 5, 6), (6, 7, 0)),
+}
+
+
+def test_replicated_experts_equal_the_whole_layer(checkpoint, whole, tmp_path):
+    """A token uses its own rank's copy, or one of the other copies (rank 2's tokens pick among
+    three for expert 0); the layer's output is the whole layer's either way."""
+    model, _ = whole
+    counts = [5, 0, 13, 4]
+    ranks = run_group(checkpoint, tmp_path, 4, counts, placements=REPLICATED)
+    with torch.inference_mode():
+        for rank, got in enumerate(ranks):
+            x = tokens_for(rank, counts)
+            for layer, out in zip(moe_layers(model), got["outputs"], strict=True):
+                torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-6)
+    for rank, got in enumerate(ranks):  # each rank read its own copies, and only those
+        held = {
+            (int(m[1]), int(m[2]))
+            for k in got["keys"]
+            if (m := re.search(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.", k))
+        }
+        assert held == {(layer, e) for layer, placement in REPLICATED.items() for e in placement[rank]}
 
 
 def test_every_expert_fed_from_another_rank(checkpoint, whole, tmp_path):

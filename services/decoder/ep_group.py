@@ -217,9 +217,10 @@ class EPEngine:
             self._pending[rank] = 0
             self._rows[rank] = load.rows_this_step
             for layer, (owned, counts) in load.tokens_total.items():
-                row = tokens.setdefault(layer, [0] * (len(owned) * self.size))
-                for expert, count in zip(owned, counts, strict=True):
-                    row[expert] = count
+                row = tokens.setdefault(layer, [])
+                for expert, count in zip(owned, counts, strict=True):  # a replicated expert's copies add up
+                    row.extend([0] * (expert + 1 - len(row)))
+                    row[expert] += count
             for out in outs:
                 gid = out.seq_id * self.size + rank
                 if out.finished:

@@ -4,8 +4,8 @@ Input: tokens per (MoE layer, expert), as the decoder exports them in
 `kimi_vl_expert_tokens_total{layer, expert}` (Prometheus text, from `GET /metrics`). Output: per
 layer, which experts each of N ranks owns, so each rank's share of the tokens is as even as
 greedy balancing makes it (the heaviest expert first, to the lightest rank with room; every rank
-keeps E/N experts, so weights stay even too). A decoder starts from it with
-`ep.placement_file`. Replicating the hottest experts (DeepSeek's EPLB) is not done here.
+keeps E/N experts, so weights stay even too), optionally with extra slots per rank that hold
+copies of the hottest experts (DeepSeek's EPLB). A decoder starts from it with `ep.placement_file`.
 
 Pure: no I/O beyond the JSON helpers; knows nothing about Ray or the model.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -42,24 +42,59 @@ def load_from_metrics(text: str) -> dict[int, list[float]]:
     return out
 
 
-def balance(load: Sequence[float], ranks: int) -> Placement:
-    """Experts to ranks, E/N each, the rank loads as even as greedy (largest first) makes them."""
+def balance(load: Sequence[float], ranks: int, redundant: int = 0) -> Placement:
+    """Experts to ranks, E/N + `redundant` each, the rank loads as even as greedy makes them.
+
+    With `redundant` > 0, the extra slots hold copies of the hottest experts, as DeepSeek's EPLB
+    does: each slot goes in turn to the expert with the most tokens per copy, and a token uses one
+    copy, so the copies share an expert's load evenly (the decoder's dispatch does so). Then every
+    copy, heaviest share first, goes to the lightest rank with room that lacks that expert.
+    """
     n = len(load)
     if ranks < 1 or n % ranks:
         raise InvalidInputError(f"{n} experts do not divide over {ranks} ranks")
-    per = n // ranks
+    if not 0 <= redundant * ranks <= n * (ranks - 1):
+        raise InvalidInputError(f"{redundant} redundant experts per rank: at most {n * (ranks - 1) // ranks}")
+    copies = [1] * n
+    for _ in range(redundant * ranks):
+        hot = max((e for e in range(n) if copies[e] < ranks), key=lambda e: (load[e] / copies[e], -e))
+        copies[hot] += 1
+    slots = n // ranks + redundant
     owned: list[list[int]] = [[] for _ in range(ranks)]
     totals = [0.0] * ranks
-    for expert in sorted(range(n), key=lambda e: (-load[e], e)):
-        rank = min((r for r in range(ranks) if len(owned[r]) < per), key=lambda r: (totals[r], r))
-        owned[rank].append(expert)
-        totals[rank] += load[expert]
+    for e in sorted((e for e in range(n) for _ in range(copies[e])), key=lambda e: (-load[e] / copies[e], e)):
+        room = [r for r in range(ranks) if len(owned[r]) < slots]
+        options = [r for r in room if e not in owned[r]]
+        if not options:  # every rank with room holds e: make room on a full rank that lacks it
+            options = [_make_room(owned, room[0], e, load, copies, totals)]
+        rank = min(options, key=lambda r: (totals[r], r))
+        owned[rank].append(e)
+        totals[rank] += load[e] / copies[e]
     return tuple(tuple(sorted(experts)) for experts in owned)
 
 
+def _make_room(
+    owned: list[list[int]], spare: int, e: int, load: Sequence[float], copies: list[int], totals: list[float]
+) -> int:
+    """Move an expert from a full rank lacking `e` to `spare` (which has room but holds `e`); that
+    rank is returned. One exists: `e` is not yet on every rank, and a full rank holds some expert
+    that `spare` lacks."""
+    for q, experts in enumerate(owned):
+        if q != spare and e not in experts:
+            f = next(f for f in experts if f not in owned[spare])
+            experts.remove(f)
+            owned[spare].append(f)
+            share = load[f] / copies[f]
+            totals[q] -= share
+            totals[spare] += share
+            return q
+    raise InvalidInputError(f"no rank can take another copy of expert {e}")
+
+
 def imbalance(load: Sequence[float], placement: Placement) -> float:
-    """Max over mean of the ranks' token loads (1.0 = even)."""
-    totals = [sum(load[e] for e in experts) for experts in placement]
+    """Max over mean of the ranks' token loads (1.0 = even); copies share their expert's load."""
+    copies = Counter(e for experts in placement for e in experts)
+    totals = [sum(load[e] / copies[e] for e in experts) for experts in placement]
     mean = sum(totals) / len(totals)
     return max(totals) / mean if mean > 0 else 1.0
 
@@ -69,11 +104,11 @@ def contiguous(num_experts: int, ranks: int) -> Placement:
     return tuple(tuple(range(r * per, (r + 1) * per)) for r in range(ranks))
 
 
-def plan(load_by_layer: Mapping[int, Sequence[float]], ranks: int) -> dict[str, object]:
+def plan(load_by_layer: Mapping[int, Sequence[float]], ranks: int, redundant: int = 0) -> dict[str, object]:
     """The placement file's content, with each layer's imbalance before (contiguous) and after."""
     layers, report = {}, {}
     for layer, load in sorted(load_by_layer.items()):
-        placement = balance(load, ranks)
+        placement = balance(load, ranks, redundant)
         layers[str(layer)] = [list(experts) for experts in placement]
         before = imbalance(load, contiguous(len(load), ranks))
         report[str(layer)] = {"before": round(before, 4), "after": round(imbalance(load, placement), 4)}
@@ -91,5 +126,5 @@ def read_placements(path: str | Path, ranks: int) -> dict[int, Placement]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InvalidInputError(f"cannot read the placement file {path}: {e}") from e
     for placement in out.values():
-        check_placement(placement, sum(len(x) for x in placement), ranks)
+        check_placement(placement, len({e for experts in placement for e in experts}), ranks)
     return out

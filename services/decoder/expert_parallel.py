@@ -1,7 +1,10 @@
 """Expert parallelism: the routed experts of every MoE layer sharded over the ranks of a group.
 
-Rank r of N holds experts [r·E/N, (r+1)·E/N) and loads only those from the checkpoint. Each rank
-routes its own tokens, then every MoE layer runs
+Rank r of N holds experts [r·E/N, (r+1)·E/N), or those a placement gives it, and loads only those
+from the checkpoint. A placement may put a hot expert on several ranks (replication, as DeepSeek's
+EPLB does): a token then uses the copy on its own rank if there is one, else one of the others
+chosen by token index, so the copies share the expert's tokens. Each rank routes its own tokens,
+then every MoE layer runs
 
     route (local) ─dispatch: all_to_all_single of one row per (token, owner rank), carrying the
     token's slots on that rank (local expert ids and weights)→ owner's experts (grouped GEMM,
@@ -32,7 +35,7 @@ from torch import nn
 from services.common.errors import CheckpointError
 from services.decoder.moe import FusedExperts
 
-Placement = tuple[tuple[int, ...], ...]  # per rank, the routed experts it owns
+Placement = tuple[tuple[int, ...], ...]  # per rank, the routed experts it holds (hot ones may be on several)
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class EPContext:
             raise ValueError(f"rank {self.rank} outside an EP group of {self.size}")
 
     def placement(self, num_experts: int, layer: int | None = None) -> Placement:
-        """Every rank's experts in `layer`, checked to be a partition of the E experts."""
+        """Every rank's experts in `layer`, checked by `check_placement`."""
         given = self.placements.get(layer) if layer is not None else None
         if given is None:
             if num_experts % self.size:
@@ -67,11 +70,17 @@ class EPContext:
 
 
 def check_placement(placement: Placement, num_experts: int, size: int) -> None:
+    """One expert list per rank, all of one length (even weights); each of the E experts on at
+    least one rank, and on a rank at most once. An expert on several ranks is replicated: each
+    copy serves part of its tokens, as in DeepSeek's EPLB."""
     if len(placement) != size or any(not experts for experts in placement):
         raise CheckpointError(f"a placement needs {size} non-empty expert lists, one per rank")
-    flat = sorted(e for experts in placement for e in experts)
-    if flat != list(range(num_experts)):
-        raise CheckpointError(f"a placement must give each of the {num_experts} experts to exactly one rank")
+    if len({len(experts) for experts in placement}) != 1:
+        raise CheckpointError("a placement must give every rank the same number of experts")
+    if any(len(set(experts)) != len(experts) for experts in placement):
+        raise CheckpointError("a placement lists an expert twice on one rank")
+    if sorted({e for experts in placement for e in experts}) != list(range(num_experts)):
+        raise CheckpointError(f"a placement must give each of the {num_experts} experts to a rank")
 
 
 @dataclass
@@ -130,13 +139,8 @@ class ShardedExperts(FusedExperts):
         self.ctx = ctx
         self.total_experts = num_experts
         self._local = {e: i for i, e in enumerate(self.owned)}
-        # global expert id -> owner rank / index among the owner's experts
-        owner, local = [0] * num_experts, [0] * num_experts
-        for r, experts in enumerate(placement):
-            for i, e in enumerate(experts):
-                owner[e], local[e] = r, i
         # host tensors, not buffers: the model is built on the meta device, and these are no weights
-        self._maps = {"cpu": (torch.tensor(owner, device="cpu"), torch.tensor(local, device="cpu"))}
+        self._maps = {"cpu": _copies(placement, num_experts, ctx.rank)}
         self.tokens_total = torch.zeros(len(self.owned), dtype=torch.int64, device="cpu")  # rows computed
         self.last = DispatchStats()
         self.profile = False  # time the phases into `last` (benchmarks)
@@ -207,14 +211,19 @@ class ShardedExperts(FusedExperts):
         t, k = topk_ids.shape
         if k > self.top_k:
             raise ValueError(f"{k} experts per token, more than the group's top_k {self.top_k}")
-        owner_of, local_of = self._lookup(topk_ids.device)
+        ranks, locals_, count, here = self._lookup(topk_ids.device)
         ids = topk_ids.long()
-        owner = owner_of[ids]  # [T, K]
+        # the copy serving each slot: this rank's own if it holds one (no wire), else one of the
+        # others by token and rank, which spreads a replicated expert's tokens evenly over its copies
+        pick = (torch.arange(t, device=ids.device).unsqueeze(1) + self.ctx.rank) % count[ids]  # [T, K]
+        mine_here = here[ids] >= 0
+        owner = torch.where(mine_here, self.ctx.rank, ranks[ids, pick])  # [T, K]
+        local = torch.where(mine_here, here[ids], locals_[ids, pick])
         wanted = torch.zeros(self.ctx.size, t, dtype=torch.bool, device=ids.device)
         wanted[owner.t(), torch.arange(t, device=ids.device).expand(k, t)] = True
         pair_rank, pair_token = wanted.nonzero(as_tuple=True)  # [R] each, rank-major
         mine = owner.index_select(0, pair_token) == pair_rank.unsqueeze(1)  # [R, K]
-        slot_ids = torch.where(mine, local_of[ids].index_select(0, pair_token), -1).float()
+        slot_ids = torch.where(mine, local.index_select(0, pair_token), -1).float()
         slot_w = torch.where(mine, topk_weights.index_select(0, pair_token).float(), 0.0)
         pad = slot_w.new_zeros(slot_w.shape[0], self.top_k - k)
         return pair_token, wanted.sum(dim=1), torch.cat([slot_ids, pad - 1, slot_w, pad], dim=1)
@@ -232,11 +241,10 @@ class ShardedExperts(FusedExperts):
         partial.index_add_(0, row, done.float() * meta[row, k + slot].unsqueeze(1))
         return partial, torch.bincount(expert, minlength=len(self.owned))
 
-    def _lookup(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _lookup(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         key = str(device)
         if key not in self._maps:
-            owner, local = self._maps["cpu"]
-            self._maps[key] = (owner.to(device), local.to(device))
+            self._maps[key] = tuple(m.to(device) for m in self._maps["cpu"])
         return self._maps[key]
 
     def _run_local(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
@@ -244,6 +252,23 @@ class ShardedExperts(FusedExperts):
             return rows
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
         return super().forward(rows, ones, local_ids.to(torch.int32).unsqueeze(1))
+
+
+def _copies(placement: Placement, num_experts: int, rank: int) -> tuple[torch.Tensor, ...]:
+    """Per global expert: the ranks holding a copy [E, C] and its index there [E, C] (padded with
+    the first copy), the number of copies [E], and its index on `rank` or -1 [E]."""
+    held: list[list[tuple[int, int]]] = [[] for _ in range(num_experts)]
+    for r, experts in enumerate(placement):
+        for i, e in enumerate(experts):
+            held[e].append((r, i))
+    width = max(len(h) for h in held)
+    padded = [h + [h[0]] * (width - len(h)) for h in held]
+    host = {"device": "cpu", "dtype": torch.int64}  # cpu even under a meta-device context
+    ranks = torch.tensor([[r for r, _ in h] for h in padded], **host)
+    local = torch.tensor([[i for _, i in h] for h in padded], **host)
+    count = torch.tensor([len(h) for h in held], **host)
+    here = torch.tensor([next((i for r, i in h if r == rank), -1) for h in held], **host)
+    return ranks, local, count, here
 
 
 def shard_experts(model: nn.Module, ctx: EPContext) -> nn.Module:
