@@ -1,13 +1,14 @@
 """The project's gRPC services on Ray Serve's gRPC proxy, registered so a client's cancel reaches the replica.
 
-Serve (2.60) proxies a server-streaming RPC with an async generator that grpcio drives: it reads
-a message from the replica, yields it, and grpcio writes it to the client. When the client's
-deadline passes or it cancels, grpcio cancels the handler wherever it waits. Waiting on the
-replica, the proxy cancels the replica call. Waiting on the write to the client, which for a
-fast token stream is much of the time, it abandons the generator without cancelling the replica
-call, and the replica generates for nobody until the request ends by itself. Measured with a
-deployment that yields every millisecond and a 1.5 s client deadline: 2 of 8 calls leaked with
-`num_replicas: 1`, 4 of 8 with `autoscaling_config` 1..1.
+Serve (2.60) proxies a server-streaming RPC with an async generator that grpcio drives
+(`unary_stream` in `gRPCProxy.service_handler_factory`, ray/serve/_private/proxy.py): it reads a
+message from the replica (`ProxyResponseGenerator`), yields it, and grpcio writes it to the
+client. When the client's deadline passes or it cancels, grpcio cancels the handler wherever it
+waits. Waiting on the replica, the proxy cancels the replica call. Waiting on the write to the
+client, which for a fast token stream is much of the time, it abandons the generator without
+cancelling the replica call, and the replica generates for nobody until the request ends by
+itself. Measured with a deployment that yields every millisecond and a 1.5 s client deadline: 2 of
+8 calls leaked with `num_replicas: 1`, 4 of 8 with `autoscaling_config` 1..1.
 
 The functions below register a service as its generated `add_*Servicer_to_server` does, with
 Serve's own routing for every method, but each server-streaming method is split in two: a task
