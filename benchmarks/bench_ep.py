@@ -74,6 +74,9 @@ def _rank_main(rank: int, size: int, port: int, preset: str, batch: int, steps: 
                 if step >= 3:  # warm-up steps are not counted
                     rows.append((total, s.dispatch_s, s.compute_s, s.combine_s, s.bytes_moved, s.rows_sent))
         torch.save(rows, Path(out) / f"rank{rank}.pt")
+        # every rank done with its collectives before any tears gloo down: a rank that destroys
+        # its group while a peer still uses it can abort the process (SIGABRT, seen once in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -59,6 +59,9 @@ def _rank_main(
                     results["outputs"].append(layer(x))
                 results["moved"].append(layer.experts.last.rows_sent)
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        # every rank done with its collectives before any tears gloo down: a rank that destroys
+        # its group while a peer still uses it can abort the process (SIGABRT, seen once in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
