@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 from services.common.checkpoint import build_config
 from services.common.config import TextConfig, parse_config
-from services.decoder.expert_parallel import EPContext, ShardedExperts
+from services.decoder.expert_parallel import EPContext, shard_moe
 from services.decoder.moe import MoE
 
 SPECIALS = {"[BOS]": 1, "<|im_end|>": 2, "[PAD]": 0, "<|media_pad|>": 3}
@@ -45,9 +45,8 @@ def build_layer(cfg: TextConfig, ep: EPContext | None) -> MoE:
     torch.manual_seed(0)  # every rank builds the same router
     with torch.device("meta"):
         layer = MoE(cfg)
-        if ep is not None:  # this rank's experts only, as `shard_experts` does to a whole model
-            sizes = (cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-            layer.experts = ShardedExperts(ep, *sizes, top_k=cfg.num_experts_per_tok)
+    if ep is not None:  # this rank's experts only
+        shard_moe(layer, ep)
     layer.to_empty(device="cpu")
     with torch.no_grad():
         for p in layer.parameters():

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from services.common.errors import InvalidInputError
-from services.decoder.expert_parallel import Placement, check_placement
+from services.decoder.expert_parallel import Placement, check_placement, contiguous
 
 _SAMPLE = re.compile(r"^(?:ray_)?kimi_vl_expert_tokens_total\{([^}]*)\}\s+([0-9.eE+-]+)\s*$", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
@@ -97,11 +97,6 @@ def imbalance(load: Sequence[float], placement: Placement) -> float:
     totals = [sum(load[e] / copies[e] for e in experts) for experts in placement]
     mean = sum(totals) / len(totals)
     return max(totals) / mean if mean > 0 else 1.0
-
-
-def contiguous(num_experts: int, ranks: int) -> Placement:
-    per = num_experts // ranks
-    return tuple(tuple(range(r * per, (r + 1) * per)) for r in range(ranks))
 
 
 def plan(load_by_layer: Mapping[int, Sequence[float]], ranks: int, redundant: int = 0) -> dict[str, object]:

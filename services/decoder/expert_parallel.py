@@ -59,14 +59,19 @@ class EPContext:
         if given is None:
             if num_experts % self.size:
                 raise CheckpointError(f"{num_experts} routed experts do not divide over {self.size} EP ranks")
-            per = num_experts // self.size
-            return tuple(tuple(range(r * per, (r + 1) * per)) for r in range(self.size))
+            return contiguous(num_experts, self.size)
         check_placement(given, num_experts, self.size)
         return given
 
     def experts(self, num_experts: int, layer: int | None = None) -> tuple[int, ...]:
         """The routed experts this rank owns (in `layer`)."""
         return self.placement(num_experts, layer)[self.rank]
+
+
+def contiguous(num_experts: int, size: int) -> Placement:
+    """The default placement: rank r owns [r·E/N, (r+1)·E/N)."""
+    per = num_experts // size
+    return tuple(tuple(range(r * per, (r + 1) * per)) for r in range(size))
 
 
 def check_placement(placement: Placement, num_experts: int, size: int) -> None:
@@ -216,9 +221,9 @@ class ShardedExperts(FusedExperts):
         # the copy serving each slot: this rank's own if it holds one (no wire), else one of the
         # others by token and rank, which spreads a replicated expert's tokens evenly over its copies
         pick = (torch.arange(t, device=ids.device).unsqueeze(1) + self.ctx.rank) % count[ids]  # [T, K]
-        mine_here = here[ids] >= 0
-        owner = torch.where(mine_here, self.ctx.rank, ranks[ids, pick])  # [T, K]
-        local = torch.where(mine_here, here[ids], locals_[ids, pick])
+        here_ids = here[ids]  # [T, K] the local index on this rank, or -1
+        owner = torch.where(here_ids >= 0, self.ctx.rank, ranks[ids, pick])  # [T, K]
+        local = torch.where(here_ids >= 0, here_ids, locals_[ids, pick])
         wanted = torch.zeros(self.ctx.size, t, dtype=torch.bool, device=ids.device)
         wanted[owner.t(), torch.arange(t, device=ids.device).expand(k, t)] = True
         pair_rank, pair_token = wanted.nonzero(as_tuple=True)  # [R] each, rank-major
@@ -277,16 +282,21 @@ def shard_experts(model: nn.Module, ctx: EPContext) -> nn.Module:
     from services.decoder.moe import MoE
 
     for layer, block in enumerate(model.model.layers):
-        module = block.mlp
-        if isinstance(module, MoE):
-            full = module.experts
-            hidden, inter = full.w2.shape[1], full.intermediate_size
-            with torch.device(full.w13.device):
-                sharded = ShardedExperts(
-                    ctx, full.num_experts, hidden, inter, layer=layer, top_k=module.cfg.num_experts_per_tok
-                )
-            module.experts = sharded.to(full.w13.dtype)
+        if isinstance(block.mlp, MoE):
+            shard_moe(block.mlp, ctx, layer)
     return model
+
+
+def shard_moe(module: nn.Module, ctx: EPContext, layer: int | None = None) -> None:
+    """Replace one MoE block's `experts` with this rank's `ShardedExperts` for `layer`, on the
+    experts' device and in their dtype."""
+    full = module.experts
+    hidden, inter = full.w2.shape[1], full.intermediate_size
+    with torch.device(full.w13.device):
+        sharded = ShardedExperts(
+            ctx, full.num_experts, hidden, inter, layer=layer, top_k=module.cfg.num_experts_per_tok
+        )
+    module.experts = sharded.to(full.w13.dtype)
 
 
 def sharded_layers(model: nn.Module) -> list[tuple[int, ShardedExperts]]:
