@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from services.common.checkpoint import write_checkpoint  # noqa: E402
-from services.common.weights import load_text_model  # noqa: E402
-from services.decoder.compiled import DecodeRunner  # noqa: E402
-from services.decoder.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache  # noqa: E402
-from services.decoder.mla import MLAttention  # noqa: E402
-from services.decoder.model import DecoderForCausalLM  # noqa: E402
+from services.decoder.loading import load_text_model  # noqa: E402
+from services.decoder.model.compiled import DecodeRunner  # noqa: E402
+from services.decoder.model.decoder import DecoderForCausalLM  # noqa: E402
+from services.decoder.model.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache  # noqa: E402
+from services.decoder.model.mla import MLAttention  # noqa: E402
 
 BLOCK_SIZE = 16
 SHAPES = [(11264, 2048), (2048, 11264), (2816, 2048), (2048, 1408), (3072, 2048)]  # gemv_roofline's
@@ -124,16 +124,16 @@ class DecodeLoop:
 
 
 def mla_decode_at(rev: str) -> dict[str, Callable]:
-    """MLAttention's decode methods as services/decoder/mla.py had them at git revision `rev`."""
+    """MLAttention's decode methods as services/decoder/model/mla.py had them at git revision `rev`."""
     source = subprocess.run(
-        ["git", "show", f"{rev}:services/decoder/mla.py"],
+        ["git", "show", f"{rev}:services/decoder/model/mla.py"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     module = types.ModuleType(f"mla_at_{rev}")
-    exec(compile(source, f"services/decoder/mla.py@{rev}", "exec"), module.__dict__)
+    exec(compile(source, f"services/decoder/model/mla.py@{rev}", "exec"), module.__dict__)
     return {name: getattr(module.MLAttention, name) for name in _MLA_DECODE_METHODS}
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from services.common.checkpoint import write_checkpoint
-from services.common.weights import load_text_model
-from services.decoder.engine import EngineConfig, LLMEngine
-from services.decoder.hf_reference import export_hf_decoder, load_hf_decoder
-from services.decoder.sampling import SamplingParams
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
+from services.decoder.engine.params import SamplingParams
+from services.decoder.loading import load_text_model
+from services.decoder.model.hf_reference import export_hf_decoder, load_hf_decoder
 
 
 def _timed(fn) -> float:

@@ -40,11 +40,11 @@ import torch.nn.functional as F
 
 from services.common.checkpoint import write_checkpoint
 from services.common.config import TextConfig
-from services.common.weights import load_text_model
-from services.decoder.async_engine import AsyncEngine, GenerationRequest
-from services.decoder.engine import EngineConfig, LLMEngine
-from services.decoder.hf_reference import export_hf_decoder, load_hf_decoder
-from services.decoder.params import SamplingParams
+from services.decoder.engine.async_engine import AsyncEngine, GenerationRequest
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
+from services.decoder.engine.params import SamplingParams
+from services.decoder.loading import load_text_model
+from services.decoder.model.hf_reference import export_hf_decoder, load_hf_decoder
 
 DEFAULT_DTYPES = {"tiny": "float32", "mid": "bfloat16"}
 BLOCK_SIZE = 16

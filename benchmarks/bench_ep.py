@@ -31,8 +31,8 @@ import torch.multiprocessing as mp
 
 from services.common.checkpoint import build_config
 from services.common.config import TextConfig, parse_config
-from services.decoder.expert_parallel import EPContext, shard_moe
-from services.decoder.moe import MoE
+from services.decoder.expert_parallel.sharding import EPContext, shard_moe
+from services.decoder.model.moe import MoE
 
 SPECIALS = {"[BOS]": 1, "<|im_end|>": 2, "[PAD]": 0, "<|media_pad|>": 3}
 

@@ -8,7 +8,7 @@ in this process, kernel by kernel and for the whole layer:
 - gate/up and down: the two `grouped_gemm` launches vs `grouped_gemm_ref`;
 - combine: `moe_combine` vs `moe_combine_ref`;
 - experts: `fused_experts` (align + 2 GEMMs + combine) vs `fused_experts_ref` (the per-expert loop);
-- MoE layer: `services.decoder.moe.MoE` (router, routing, experts, shared experts) with
+- MoE layer: `services.decoder.model.moe.MoE` (router, routing, experts, shared experts) with
   KIMI_VL_MOE_BACKEND=triton vs =torch.
 Times are medians of `triton.testing.do_bench` (L2 flushed between runs). For decode sizes it
 also prints the achieved memory bandwidth: bytes of the weights the step actually reads (the
@@ -38,7 +38,7 @@ def _release_moe(dtype: torch.dtype):
     """The release's MoE layer on the GPU, random weights (experts in `dtype`, router fp32)."""
     from services.common.checkpoint import build_config
     from services.common.config import parse_text_config
-    from services.decoder.moe import MoE
+    from services.decoder.model.moe import MoE
 
     raw = build_config("mid", 163840, DUMMY_SPECIAL_IDS)["text_config"]
     cfg = parse_text_config(raw)
@@ -81,7 +81,7 @@ def _moe_layer(moe, x: torch.Tensor, backend: str) -> Callable[[], object]:
 
 def _pairs(moe, x: torch.Tensor) -> tuple[dict[str, tuple[Callable, Callable]], torch.Tensor]:
     """op -> (kernel run, reference run) on the same inputs, and the routed ids."""
-    from services.decoder.moe import select_experts
+    from services.decoder.model.moe import select_experts
     from triton_kernels import (
         fused_experts,
         fused_experts_ref,

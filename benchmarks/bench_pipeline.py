@@ -38,8 +38,8 @@ from PIL import Image
 
 from services.common.checkpoint import write_checkpoint
 from services.common.devices import DTYPES
-from services.decoder.hf_reference import export_hf_decoder, load_hf_decoder
-from services.generate import OfflinePipeline
+from services.decoder.model.hf_reference import export_hf_decoder, load_hf_decoder
+from services.offline import OfflinePipeline
 from services.pipeline.demo import demo_image
 
 PROMPT = "Describe this picture in detail."
@@ -181,8 +181,8 @@ def run_level(
 
     from openai import AsyncOpenAI
 
-    from services.bench.command import image_data_url
-    from services.bench.loadgen import BenchConfig, LoadRunner, fetch_model, summarize_level
+    from services.loadtest.command import image_data_url
+    from services.loadtest.loadgen import BenchConfig, LoadRunner, fetch_model, summarize_level
 
     folder.mkdir(parents=True, exist_ok=True)
     urls = []

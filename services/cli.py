@@ -36,8 +36,8 @@ def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from services.decoder.sampling import SamplingParams
-    from services.generate import OfflinePipeline, open_image, user_messages
+    from services.decoder.engine.params import SamplingParams
+    from services.offline import OfflinePipeline, open_image, user_messages
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
@@ -269,7 +269,7 @@ def _cmd_ep_placement(args: argparse.Namespace) -> int:
     import urllib.request
 
     from services.common.errors import InvalidInputError
-    from services.decoder.ep_placement import load_from_metrics, plan
+    from services.decoder.expert_parallel.placement import load_from_metrics, plan
 
     source = args.metrics
     try:
@@ -290,7 +290,7 @@ def _cmd_ep_placement(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from services.bench import command as bench_command
+    from services.loadtest import command as bench_command
     from services.pipeline import local as serve_command
 
     parser = argparse.ArgumentParser(prog="kimi-vl", description="Serve and run Kimi-VL.")

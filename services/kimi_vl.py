@@ -2,9 +2,10 @@
 
 `KimiVLForConditionalGeneration` holds `vision_tower` (MoonViT), `multi_modal_projector` and
 `language_model` (the MoE decoder), so `load_weights` fills it from an official checkpoint with
-no key mapping. The services load only the part they run (`load_vision_encoder`,
-`services.common.weights.load_text_model`); the offline `generate` command loads all of it.
-Knows nothing about tokenizers, images on disk or serving.
+no key mapping. It only composes the two parts, each defined in its own stage's package; the
+services load only the part they run (`services.vision_encoder.model.load_vision_encoder`,
+`services.decoder.loading.load_text_model`), and the offline path (`services.offline`) loads all
+of it. Knows nothing about tokenizers, images on disk or serving.
 """
 
 from __future__ import annotations
@@ -12,30 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from services.common.config import KimiVLConfig
 from services.common.weights import build_and_load
-from services.decoder.model import DecoderForCausalLM
-from services.vision_encoder.moonvit import MoonViT, MultiModalProjector
-
-VISION_SCOPE = ("vision_tower.", "multi_modal_projector.")
-
-
-class VisionEncoder(nn.Module):
-    """MoonViT followed by the projector: packed patches in, text-width embeddings out."""
-
-    def __init__(self, cfg: KimiVLConfig) -> None:
-        super().__init__()
-        self.vision_tower = MoonViT(cfg.vision_config)
-        self.multi_modal_projector = MultiModalProjector(cfg.vision_config, cfg.text_config.hidden_size)
-
-    @torch.inference_mode()
-    def forward(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
-        """pixel_values [P, 3, p, p], image_grid_hws [N, 2] -> embeddings [Σ h·w/4, H_text]."""
-        dtype = next(self.parameters()).dtype
-        merged = self.vision_tower(pixel_values.to(dtype), image_grid_hws)  # [T, 4, H_vit]
-        return self.multi_modal_projector(merged)  # [T, H_text]
+from services.decoder.model.decoder import DecoderForCausalLM
+from services.vision_encoder.model import VisionEncoder
 
 
 class KimiVLForConditionalGeneration(VisionEncoder):
@@ -58,18 +40,4 @@ def load_kimi_vl(
     progress: bool = False,
 ) -> KimiVLForConditionalGeneration:
     model = build_and_load(KimiVLForConditionalGeneration, checkpoint_dir, dtype, device, progress=progress)
-    return model  # type: ignore[return-value]
-
-
-def load_vision_encoder(
-    checkpoint_dir: str | Path,
-    dtype: torch.dtype = torch.bfloat16,
-    device: torch.device | str = "cpu",
-    *,
-    progress: bool = False,
-) -> VisionEncoder:
-    """MoonViT + projector only (`vision_tower.*`, `multi_modal_projector.*`; decoder keys skipped)."""
-    model = build_and_load(
-        VisionEncoder, checkpoint_dir, dtype, device, scope=VISION_SCOPE, progress=progress
-    )
     return model  # type: ignore[return-value]

@@ -11,10 +11,11 @@ import torch
 from services.common.checkpoint import write_checkpoint
 from services.common.errors import CapacityError, DeadlineExceededError, InternalError
 from services.common.tokenizer import KimiTokenizer
-from services.common.weights import load_text_model
-from services.decoder.async_engine import AsyncEngine, GenerationRequest, RequestOutput
-from services.decoder.engine import EngineConfig, LLMEngine
-from services.decoder.sampling import SamplingParams
+from services.decoder.engine.async_engine import AsyncEngine, GenerationRequest
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
+from services.decoder.engine.outputs import RequestOutput
+from services.decoder.engine.params import SamplingParams
+from services.decoder.loading import load_text_model
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 

@@ -21,8 +21,9 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from services.bench import command
-from services.bench.loadgen import (
+from services.common.errors import InvalidInputError
+from services.loadtest import command
+from services.loadtest.loadgen import (
     FOLLOW_UPS,
     BenchReport,
     RequestResult,
@@ -32,7 +33,6 @@ from services.bench.loadgen import (
     summarize_level,
     timed_result,
 )
-from services.common.errors import InvalidInputError
 
 TOP_KEYS = {"url", "model", "image", "turns", "max_tokens", "num_requests", "started_at", "levels"}
 TOP_KEYS |= {"temperature", "ignore_eos", "shared_prefix", "warmup", "distinct_images"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import CapacityError
-from services.decoder.block_pool import BlockPool, MediaKey, block_hashes
+from services.decoder.engine.block_pool import BlockPool, MediaKey, block_hashes
 
 
 def test_keys_chain_over_the_prefix_and_ignore_partial_blocks() -> None:

@@ -13,8 +13,8 @@ from PIL import Image
 
 from services.cli import main
 from services.common.checkpoint import write_checkpoint
-from services.decoder.sampling import SamplingParams
-from services.generate import OfflinePipeline, user_messages
+from services.decoder.engine.params import SamplingParams
+from services.offline import OfflinePipeline, user_messages
 
 JSON_KEYS = {
     "prompt_ids",

@@ -106,8 +106,8 @@ def test_ep_ranks_go_where_the_decoder_goes(name: str) -> None:
 
 
 def test_pipeline_names_match_the_stage_servers() -> None:
-    for module in ("preprocess", "vision_encoder", "decoder"):
-        assert _deployment_names(f"services.{module}.server:build_app") <= PIPELINE_DEPLOYMENTS
+    for module in ("preprocess.server", "vision_encoder.server", "decoder.service.server"):
+        assert _deployment_names(f"services.{module}:build_app") <= PIPELINE_DEPLOYMENTS
 
 
 def test_rayservice_validates_against_kuberay_crd(rayservice_validator: jsonschema.Draft4Validator) -> None:

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from services.common.checkpoint import write_checkpoint
-from services.common.weights import load_text_model
-from services.decoder.block_pool import BlockPool
-from services.decoder.compiled import DecodeRunner, batch_buckets
-from services.decoder.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache
-from services.decoder.model import DecoderForCausalLM
+from services.decoder.engine.block_pool import BlockPool
+from services.decoder.loading import load_text_model
+from services.decoder.model.compiled import DecodeRunner, batch_buckets
+from services.decoder.model.decoder import DecoderForCausalLM
+from services.decoder.model.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache
 
 BS = 4
 NUM_BLOCKS = 48

@@ -30,11 +30,12 @@ import torch
 from safetensors.torch import load_file
 
 from services.common.checkpoint import write_checkpoint
-from services.common.weights import checkpoint_weight_map, load_text_model
-from services.decoder.block_pool import BlockPool
-from services.decoder.hf_reference import PREFIX, export_hf_decoder, load_hf_decoder
-from services.decoder.kv_cache import AttentionMetadata, PagedKVCache, blocks_needed
-from services.decoder.model import DecoderForCausalLM
+from services.common.weights import checkpoint_weight_map
+from services.decoder.engine.block_pool import BlockPool, blocks_needed
+from services.decoder.loading import load_text_model
+from services.decoder.model.decoder import DecoderForCausalLM
+from services.decoder.model.hf_reference import PREFIX, export_hf_decoder, load_hf_decoder
+from services.decoder.model.kv_cache import AttentionMetadata, PagedKVCache
 from triton_kernels.routing import grouped_topk_ref
 
 transformers = pytest.importorskip("transformers")

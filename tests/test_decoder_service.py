@@ -23,19 +23,17 @@ from services.common.chat_template import encode_chat
 from services.common.checkpoint import write_checkpoint
 from services.common.errors import DeadlineExceededError, InvalidInputError, UpstreamUnavailableError
 from services.common.tokenizer import KimiTokenizer
-from services.common.weights import load_text_model
-from services.decoder.async_engine import CompletionDelta, RequestOutput
-from services.decoder.engine import EngineConfig, LLMEngine, MediaSpan
-from services.decoder.params import SamplingParams, generation_defaults
-from services.decoder.sampling import TokenLogprobs
-from services.decoder.server import GRPC_SERVICER_FUNCTION, DecoderServer, DecoderSettings, build_app
-from services.decoder.translate import (
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine, MediaSpan
+from services.decoder.engine.outputs import CompletionDelta, RequestOutput, TokenLogprobs
+from services.decoder.engine.params import SamplingParams, generation_defaults
+from services.decoder.loading import load_text_model
+from services.decoder.service.messages import responses, sampling_params
+from services.decoder.service.server import GRPC_SERVICER_FUNCTION, DecoderServer, DecoderSettings, build_app
+from services.decoder.service.translate import (
     ModelFacts,
     Prompt,
     inline_content_hash,
     placeholder_runs,
-    responses,
-    sampling_params,
     translate,
 )
 from services.vision_encoder.cache import LRUEmbeddingCache
@@ -352,7 +350,7 @@ def test_responses_carry_choices_logprobs_and_usage_last():
 
 
 def translate_stub():
-    from services.decoder.async_engine import GenerationRequest
+    from services.decoder.engine.async_engine import GenerationRequest
 
     return GenerationRequest("r", [1], SamplingParams())
 
@@ -399,7 +397,7 @@ def test_serve_config_is_valid_and_builds(checkpoint):
     config = ServeDeploySchema.model_validate(raw)
     assert GRPC_SERVICER_FUNCTION in config.grpc_options.grpc_servicer_functions
     (app,) = config.applications
-    assert app.import_path == "services.decoder.server:build_app"
+    assert app.import_path == "services.decoder.service.server:build_app"
     (deployment,) = app.deployments
     assert deployment.name == "DecoderServer" and deployment.ray_actor_options.num_gpus == 1
     assert deployment.graceful_shutdown_timeout_s > 0 and deployment.max_ongoing_requests > 1

@@ -16,10 +16,10 @@ from PIL import Image
 from services.cli import main
 from services.common.checkpoint import write_checkpoint
 from services.common.config import load_processor_config
-from services.kimi_vl import load_vision_encoder
 from services.preprocess.core import PreprocessEngine
 from services.preprocess.media import MediaInput
 from services.preprocess.video import VideoSampling
+from services.vision_encoder.model import load_vision_encoder
 
 pytest_plugins = ["redis_fixtures"]
 

@@ -15,7 +15,6 @@ from PIL import Image
 from services.common.checkpoint import write_checkpoint
 from services.common.config import load_processor_config
 from services.common.errors import InvalidInputError
-from services.kimi_vl import load_vision_encoder
 from services.preprocess.core import PreprocessEngine
 from services.preprocess.media import MediaInput
 from services.preprocess.video import VideoSampling
@@ -28,6 +27,7 @@ from services.vision_encoder.engine import (
     plan_batches,
     split_packed,
 )
+from services.vision_encoder.model import load_vision_encoder
 
 pytest_plugins = ["redis_fixtures"]
 

@@ -18,9 +18,9 @@ from protos.kimi_vl.v1 import preprocess_pb2, tensor_pb2
 from services.common import tensor_codec
 from services.common.checkpoint import write_checkpoint
 from services.common.errors import InternalError, InvalidInputError, UpstreamUnavailableError
-from services.kimi_vl import load_vision_encoder
 from services.vision_encoder.client import EncoderClient
 from services.vision_encoder.engine import EncodedImage, ImageToEncode, NotCachedError
+from services.vision_encoder.model import load_vision_encoder
 from services.vision_encoder.server import (
     GRPC_SERVICER_FUNCTION,
     EncoderSettings,

@@ -7,9 +7,9 @@ import torch
 
 from services.common.checkpoint import write_checkpoint
 from services.common.errors import CapacityError, InvalidInputError
-from services.common.weights import load_text_model
-from services.decoder.engine import EngineConfig, LLMEngine, MediaSpan
-from services.decoder.sampling import SamplingParams
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine, MediaSpan
+from services.decoder.engine.params import SamplingParams
+from services.decoder.loading import load_text_model
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from services.common.checkpoint import write_checkpoint
-from services.common.weights import load_text_model
-from services.decoder.engine import EngineConfig, LLMEngine, MediaSpan
-from services.decoder.sampling import SamplingParams
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine, MediaSpan
+from services.decoder.engine.params import SamplingParams
+from services.decoder.loading import load_text_model
 
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 PAD = 7  # stands in for the media placeholder id: the engine does not care which id it is

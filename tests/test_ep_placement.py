@@ -9,7 +9,7 @@ import pytest
 
 from services.cli import main
 from services.common.errors import CheckpointError, InvalidInputError
-from services.decoder.ep_placement import (
+from services.decoder.expert_parallel.placement import (
     balance,
     contiguous,
     imbalance,
@@ -17,7 +17,7 @@ from services.decoder.ep_placement import (
     plan,
     read_placements,
 )
-from services.decoder.expert_parallel import EPContext
+from services.decoder.expert_parallel.sharding import EPContext
 
 HOT = [100.0, 90.0, 80.0, 70.0, 1.0, 1.0, 1.0, 1.0]  # the first four experts take nearly every token
 
@@ -72,7 +72,7 @@ def test_the_command(tmp_path, capsys):
 
 
 def test_rank_bundles_carry_resources_and_the_label_selector():
-    from services.decoder.ep_group import EPSettings, rank_bundles
+    from services.decoder.expert_parallel.group import EPSettings, rank_bundles
 
     settings = EPSettings(size=4, cpus_per_rank=2, label_selector={"kimi-vl/stage": "decoder"})
     bundles, selectors = rank_bundles(settings, "cuda")
@@ -98,7 +98,7 @@ def test_redundant_slots_copy_an_expert_too_hot_for_one_rank():
 def test_random_loads_give_valid_placements():
     import random
 
-    from services.decoder.expert_parallel import check_placement
+    from services.decoder.expert_parallel.sharding import check_placement
 
     rng = random.Random(0)
     for _ in range(300):
@@ -111,7 +111,7 @@ def test_random_loads_give_valid_placements():
 
 
 def test_making_room_moves_an_expert_the_spare_rank_lacks():
-    from services.decoder.ep_placement import _make_room
+    from services.decoder.expert_parallel.placement import _make_room
 
     owned = [[0, 1], [2, 3], [0]]  # placing another copy of 0: only rank 2 has room, and holds 0
     totals = [2.0, 2.0, 1.0]

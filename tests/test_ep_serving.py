@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from services.common.checkpoint import write_checkpoint
-from services.decoder.engine import EngineConfig
-from services.decoder.params import SamplingParams
-from services.generate import OfflinePipeline
+from services.decoder.engine.llm_engine import EngineConfig
+from services.decoder.engine.params import SamplingParams
+from services.offline import OfflinePipeline
 from services.pipeline.local import ONE_REPLICA
 
 pytest_plugins = ["services_fixtures", "redis_fixtures"]

@@ -15,9 +15,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from services.common.checkpoint import write_checkpoint
-from services.common.weights import LoadStats, load_text_model
-from services.decoder.expert_parallel import EPContext, ShardedExperts
-from services.decoder.moe import MoE
+from services.common.weights import LoadStats
+from services.decoder.expert_parallel.sharding import EPContext, ShardedExperts
+from services.decoder.loading import load_text_model
+from services.decoder.model.moe import MoE
 
 pytestmark = pytest.mark.slow
 HIDDEN = 64  # the tiny preset's

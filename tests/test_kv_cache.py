@@ -9,16 +9,15 @@ import torch
 
 from services.common.checkpoint import write_checkpoint
 from services.common.errors import CapacityError
-from services.common.weights import load_text_model
-from services.decoder.block_pool import BlockPool
-from services.decoder.kv_cache import (
+from services.decoder.engine.block_pool import BlockPool, blocks_needed
+from services.decoder.loading import load_text_model
+from services.decoder.model.decoder import DecoderForCausalLM
+from services.decoder.model.kv_cache import (
     PAD_BLOCK,
     AttentionMetadata,
     PagedKVCache,
-    blocks_needed,
 )
-from services.decoder.model import DecoderForCausalLM
-from services.decoder.rope import apply_rope
+from services.decoder.model.rope import apply_rope
 
 BS = 4  # small blocks: every sequence spans several
 

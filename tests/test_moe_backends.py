@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from services.common.checkpoint import write_checkpoint
-from services.common.weights import load_text_model
-from services.decoder.engine import EngineConfig, LLMEngine
-from services.decoder.moe import MoE
-from services.decoder.sampling import SamplingParams
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
+from services.decoder.engine.params import SamplingParams
+from services.decoder.loading import load_text_model
+from services.decoder.model.moe import MoE
 from triton_kernels import BACKEND_ENV, fused_experts, grouped_topk, use_kernels
 from triton_kernels._backend import check_launch
 
@@ -70,7 +70,7 @@ def test_both_dispatch_points_follow_the_switch(model, monkeypatch) -> None:
             calls.append(_name)
             return _fn(*args, **kwargs)
 
-        monkeypatch.setattr(f"services.decoder.moe.{name}", spy)
+        monkeypatch.setattr(f"services.decoder.model.moe.{name}", spy)
     moe = _moe_layers(model)[0]
     monkeypatch.setenv(BACKEND_ENV, "triton")
     moe(torch.randn(3, model.cfg.hidden_size))
@@ -99,7 +99,7 @@ def test_imports_and_runs_without_triton() -> None:
         import torch
         import pytest
         from triton_kernels import HAVE_TRITON, grouped_topk, fused_experts_ref
-        from services.decoder.moe import FusedExperts
+        from services.decoder.model.moe import FusedExperts
         assert not HAVE_TRITON
         experts = FusedExperts(4, 8, 4)
         torch.nn.init.normal_(experts.w13); torch.nn.init.normal_(experts.w2)

@@ -28,9 +28,8 @@ from services.common.errors import (
 )
 from services.common.tiny_tokenizer import write_tiny_tokenizer
 from services.common.tokenizer import KimiTokenizer
-from services.decoder.async_engine import CompletionDelta, RequestOutput
-from services.decoder.params import SamplingParams
-from services.decoder.sampling import TokenLogprobs
+from services.decoder.engine.outputs import CompletionDelta, RequestOutput, TokenLogprobs
+from services.decoder.engine.params import SamplingParams
 from services.frontend.openai_convert import (
     MediaRef,
     VideoOptions,

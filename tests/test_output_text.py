@@ -11,7 +11,7 @@ import pytest
 
 from services.common.tiny_tokenizer import write_tiny_tokenizer
 from services.common.tokenizer import KimiTokenizer
-from services.decoder.output_text import (
+from services.decoder.engine.output_text import (
     THINK_END,
     THINK_START,
     OutputText,

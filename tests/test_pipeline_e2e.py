@@ -24,9 +24,9 @@ from PIL import Image
 
 from protos.kimi_vl.v1 import chat_pb2, chat_pb2_grpc, generate_pb2
 from services.common.checkpoint import write_checkpoint
-from services.decoder.engine import EngineConfig
-from services.decoder.params import SamplingParams
-from services.generate import OfflinePipeline
+from services.decoder.engine.llm_engine import EngineConfig
+from services.decoder.engine.params import SamplingParams
+from services.offline import OfflinePipeline
 from services.pipeline.demo import demo_video, image_question
 from services.pipeline.local import ONE_REPLICA
 
@@ -378,8 +378,8 @@ def test_kimi_vl_bench_against_the_real_server(app, tmp_path):
     """The load tool end to end against the served pipeline: cold first turns, cached later ones."""
     import asyncio
 
-    from services.bench.command import image_data_url, image_variants
-    from services.bench.loadgen import BenchConfig, run_benchmark
+    from services.loadtest.command import image_data_url, image_variants
+    from services.loadtest.loadgen import BenchConfig, run_benchmark
 
     path = tmp_path / "bench.png"
     path.write_bytes(png(9))

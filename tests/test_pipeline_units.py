@@ -17,7 +17,7 @@ from PIL import Image
 from protos.kimi_vl.v1 import chat_pb2, generate_pb2, preprocess_pb2
 from services.common.config import ProcessorConfig, load_processor_config
 from services.common.errors import InvalidInputError, NotCachedError, status_for
-from services.decoder.params import SamplingParams
+from services.decoder.engine.params import SamplingParams
 from services.frontend.openai_protocol import ProtocolError
 from services.frontend.openai_responses import error_body
 from services.pipeline.access import AccessPolicy, UnauthorizedError, is_loopback, peer_host

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from services.common.errors import InternalError, InvalidInputError
-from services.decoder.sampling import SampleOutput, SamplingParams, make_generator, sample
+from services.decoder.engine.params import SamplingParams
+from services.decoder.engine.sampling import SampleOutput, make_generator, sample
 
 V = 50
 DRAWS = 20000

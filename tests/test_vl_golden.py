@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from services.common.checkpoint import write_checkpoint
-from services.decoder.hf_reference import export_hf_decoder, load_hf_decoder
-from services.decoder.sampling import SamplingParams
-from services.generate import OfflinePipeline, user_messages
+from services.decoder.engine.params import SamplingParams
+from services.decoder.model.hf_reference import export_hf_decoder, load_hf_decoder
+from services.offline import OfflinePipeline, user_messages
 
 pytest.importorskip("transformers")
 
@@ -67,7 +67,8 @@ def test_images_change_the_prediction(setup):
 
 
 def _prefill_hidden(pipeline: OfflinePipeline, ids: list[int], embeds: torch.Tensor) -> torch.Tensor:
-    from services.decoder.kv_cache import AttentionMetadata, PagedKVCache, blocks_needed
+    from services.decoder.engine.block_pool import blocks_needed
+    from services.decoder.model.kv_cache import AttentionMetadata, PagedKVCache
 
     model = pipeline.model.language_model
     cfg = model.cfg

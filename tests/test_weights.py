@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from services.common.checkpoint import official_weight_shapes, write_checkpoint
 from services.common.config import load_config
 from services.common.errors import CheckpointError
-from services.common.weights import INDEX_FILE, checkpoint_weight_map, load_text_model
+from services.common.weights import INDEX_FILE, checkpoint_weight_map
+from services.decoder.loading import load_text_model
 from services.kimi_vl import load_kimi_vl
 
 
@@ -111,7 +112,7 @@ def test_missing_shard_file_and_index(tiny, tmp_path):
 
 
 def test_vision_encoder_loads_only_its_keys(tiny):
-    from services.kimi_vl import load_vision_encoder
+    from services.vision_encoder.model import load_vision_encoder
 
     encoder = load_vision_encoder(tiny, torch.float32)
     names = {n for n, _ in encoder.named_parameters()}

@@ -30,7 +30,6 @@ from services.common.errors import CheckpointError
 
 if TYPE_CHECKING:
     from services.common.config import KimiVLConfig
-    from services.decoder.expert_parallel import EPContext
 
 logger = logging.getLogger(__name__)
 
@@ -244,30 +243,4 @@ def build_and_load(
         model = build(cfg)
     return load_weights(
         model, checkpoint_dir, prefix=prefix, scope=scope, device=device, progress=progress, stats=stats
-    )
-
-
-def load_text_model(
-    checkpoint_dir: str | Path,
-    dtype: torch.dtype = torch.bfloat16,
-    device: torch.device | str = "cpu",
-    *,
-    progress: bool = False,
-    ep: EPContext | None = None,
-    stats: LoadStats | None = None,
-) -> nn.Module:
-    """The decoder (`language_model.*` weights) of a Kimi-VL checkpoint. With `ep`, this rank's
-    share of it: every MoE layer holds (and reads from disk) only the rank's routed experts."""
-    from services.decoder.model import DecoderForCausalLM
-
-    def build(cfg: KimiVLConfig) -> nn.Module:
-        model = DecoderForCausalLM(cfg.text_config)
-        if ep is None:
-            return model
-        from services.decoder.expert_parallel import shard_experts
-
-        return shard_experts(model, ep)
-
-    return build_and_load(
-        build, checkpoint_dir, dtype, device, prefix="language_model.", progress=progress, stats=stats
     )

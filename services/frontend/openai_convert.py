@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from services.common.errors import InternalError
-from services.decoder.params import SamplingParams
+from services.decoder.engine.params import SamplingParams
 from services.frontend.openai_protocol import (
     DEFAULT_MAX_IMAGES,
     DEFAULT_MAX_VIDEOS,

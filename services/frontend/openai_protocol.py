@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from pydantic_core import PydanticCustomError
 
 from services.common.errors import InvalidInputError
-from services.decoder.params import SamplingParams
+from services.decoder.engine.params import SamplingParams
 
 DEFAULT_MAX_IMAGES = 16
 DEFAULT_MAX_VIDEOS = 1

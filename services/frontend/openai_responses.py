@@ -48,8 +48,7 @@ from services.common.errors import (
 from services.frontend.openai_protocol import ChatRequest, CompletionRequest, ProtocolError
 
 if TYPE_CHECKING:  # the engine's types, for reading only: importing them would import torch
-    from services.decoder.async_engine import CompletionDelta, RequestOutput
-    from services.decoder.sampling import TokenLogprobs
+    from services.decoder.engine.outputs import CompletionDelta, RequestOutput, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from ray.serve import Application
 
 from services.common.errors import InvalidInputError
 from services.common.settings import known_fields
-from services.decoder import server as decoder_server
-from services.decoder.server import DecoderSettings
+from services.decoder.service import server as decoder_server
+from services.decoder.service.server import DecoderSettings
 from services.pipeline.ingress import DEPLOYMENT_NAME as INGRESS_NAME
 from services.pipeline.ingress import ChatIngress, FrontendSettings, IngressSettings
 from services.pipeline.stages import PipelinePreprocessServer

@@ -24,8 +24,8 @@ from protos.kimi_vl.v1 import generate_pb2 as pb
 from services.common.chat_template import encode_chat
 from services.common.errors import InternalError, NotCachedError
 from services.common.tokenizer import KimiTokenizer
-from services.decoder.params import SamplingParams
-from services.decoder.translate import sampling_to_proto
+from services.decoder.engine.params import SamplingParams
+from services.decoder.service.messages import sampling_to_proto
 from services.frontend.openai_convert import VideoOptions, expand_media
 from services.pipeline.manifest import MediaManifest
 from services.pipeline.media import MediaResolver, MediaSource, MediaStats

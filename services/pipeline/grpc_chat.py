@@ -16,7 +16,7 @@ from protos.kimi_vl.v1 import chat_pb2
 from protos.kimi_vl.v1 import generate_pb2 as gen_pb
 from protos.kimi_vl.v1 import preprocess_pb2 as pre_pb
 from services.common.errors import InvalidInputError
-from services.decoder.translate import sampling_params
+from services.decoder.service.messages import sampling_params
 from services.frontend.openai_convert import VideoOptions
 from services.pipeline.chat import ChatJob
 from services.pipeline.media import MediaSource

@@ -39,8 +39,8 @@ from services.common.errors import InvalidInputError, KimiVLError
 from services.common.grpc_status import set_error_status
 from services.common.metrics import TotalCounters
 from services.common.tokenizer import KimiTokenizer
-from services.decoder.params import generation_defaults
-from services.decoder.translate import output_from_response
+from services.decoder.engine.params import generation_defaults
+from services.decoder.service.messages import output_from_response
 from services.frontend import openai_convert as convert
 from services.frontend.openai_protocol import (
     ChatRequest,

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from services.common.errors import InvalidInputError, NotCachedError
-from services.kimi_vl import VisionEncoder, load_vision_encoder
 from services.vision_encoder.cache import EmbeddingCache, cache_key, model_fingerprint
+from services.vision_encoder.model import VisionEncoder, load_vision_encoder
 
 logger = logging.getLogger(__name__)
 

@@ -21,20 +21,12 @@ from itertools import chain
 import torch
 
 from services.common.errors import InternalError
-from services.decoder.params import SamplingParams
+from services.decoder.engine.outputs import TokenLogprobs
+from services.decoder.engine.params import SamplingParams
 
 __all__ = ["SampleOutput", "SamplingParams", "TokenLogprobs", "make_generator", "sample"]
 
 _NEG_INF = float("-inf")
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """The chosen token's logprob and the k best alternatives (best first), from the raw logits."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)

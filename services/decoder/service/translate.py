@@ -1,5 +1,6 @@
-"""The decoder's wire translation: `GenerateRequest` protos -> the engine's `GenerationRequest`,
-and its `RequestOutput`s -> `GenerateResponse` protos. Testable without Ray.
+"""The decoder's request translation: a `GenerateRequest` proto -> the engine's `GenerationRequest`,
+its prompt and its media embeddings (the outputs' way back is `messages.responses`). Testable
+without Ray.
 
 The prompt is token ids (each media segment's placeholder run already expanded) or chat messages
 rendered with the checkpoint's chat template (a media item = its segments in order, each preceded
@@ -29,19 +30,13 @@ from services.common import tensor_codec
 from services.common.chat_template import encode_chat
 from services.common.errors import InvalidInputError, NotCachedError, UpstreamUnavailableError
 from services.common.tokenizer import KimiTokenizer
-from services.decoder.async_engine import CompletionDelta, GenerationRequest, RequestOutput
-from services.decoder.engine import MediaSpan
-from services.decoder.params import SamplingParams
-from services.decoder.sampling import TokenLogprobs
+from services.decoder.engine.async_engine import GenerationRequest
+from services.decoder.engine.llm_engine import MediaSpan
+from services.decoder.service.messages import sampling_params
 from services.vision_encoder.cache import EmbeddingCache
 from services.vision_encoder.redis_cache import RedisCacheStats
 
-_SAMPLING_SCALARS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
-                     "presence_penalty", "frequency_penalty", "logprobs", "n")  # fmt: skip
 _ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
-_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
-           "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}  # fmt: skip
-_FINISH_NAME = {code: name for name, code in _FINISH.items()}
 _EMBED_DTYPES = {"float32", "float16", "bfloat16"}
 MAX_CACHE_KEY_CHARS = 512
 
@@ -68,34 +63,6 @@ class Prompt:
 # ---------------------------------------------------------------------------------------------
 # proto -> core
 # ---------------------------------------------------------------------------------------------
-
-
-def sampling_params(msg: pb.SamplingParams, defaults: Mapping[str, Any]) -> SamplingParams:
-    """The request's settings over the checkpoint's defaults (a field the caller set always wins)."""
-    explicit: dict[str, Any] = {name: getattr(msg, name) for name in _SAMPLING_SCALARS if msg.HasField(name)}
-    if msg.stop_token_ids:
-        explicit["stop_token_ids"] = tuple(msg.stop_token_ids)
-    if msg.stop:
-        explicit["stop"] = tuple(msg.stop)
-    if msg.ignore_eos:
-        explicit["ignore_eos"] = True
-    return SamplingParams(**explicit).with_defaults(dict(defaults), frozenset(explicit))
-
-
-def sampling_to_proto(params: SamplingParams, *, split_reasoning: bool | None = None,
-                      timeout_s: float | None = None) -> pb.SamplingParams:  # fmt: skip
-    """Every field of `params` set explicitly (defaults were applied by whoever made them)."""
-    msg = pb.SamplingParams(
-        **{name: getattr(params, name) for name in _SAMPLING_SCALARS if getattr(params, name) is not None},
-        stop_token_ids=list(params.stop_token_ids),
-        stop=list(params.stop),
-        ignore_eos=params.ignore_eos,
-    )
-    if split_reasoning is not None:
-        msg.split_reasoning = split_reasoning
-    if timeout_s is not None:
-        msg.timeout_s = timeout_s
-    return msg
 
 
 def placeholder_runs(ids: Sequence[int], placeholder_id: int) -> list[tuple[int, int]]:
@@ -322,66 +289,3 @@ def translate(
     core = GenerationRequest(request_id, ids, params, tuple(media), split, deadline)
     from_cache = sum(segment.num_tokens for i, (_, segment) in enumerate(segments) if i not in inline)
     return Prompt(core, sum(length for _, length in spans), from_cache)
-
-
-# ---------------------------------------------------------------------------------------------
-# core -> proto
-# ---------------------------------------------------------------------------------------------
-
-
-def output_from_response(msg: pb.GenerateResponse) -> RequestOutput:
-    """The engine's output again, from one message of the stream (the inverse of `responses`).
-    Token counts arrive with the usage, on the stream's last message (`finished`)."""
-    finish = _FINISH_NAME[msg.finish_reason]
-    logprobs = tuple(
-        TokenLogprobs(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
-        for lp in msg.logprobs
-    )
-    delta = CompletionDelta(msg.index, msg.text, msg.reasoning, tuple(msg.token_ids), logprobs, finish)
-    usage = msg.usage if msg.HasField("usage") else None
-    return RequestOutput(
-        msg.request_id,
-        (delta,),
-        finished=usage is not None,
-        prompt_tokens=usage.prompt_tokens if usage else 0,
-        cached_tokens=usage.cached_tokens if usage else 0,
-        completion_tokens=usage.completion_tokens if usage else 0,
-    )
-
-
-def responses(output: RequestOutput, prompt: Prompt) -> list[pb.GenerateResponse]:
-    """One message per completion that advanced; the stream's last one carries the usage."""
-    out = []
-    for delta in output.outputs:
-        logprobs = [
-            pb.TokenLogprob(
-                token_id=lp.token_id,
-                logprob=lp.logprob,
-                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
-            )
-            for lp in delta.logprobs
-        ]
-        out.append(
-            pb.GenerateResponse(
-                request_id=output.request_id,
-                index=delta.index,
-                token_ids=delta.token_ids,
-                text=delta.text,
-                reasoning=delta.reasoning,
-                finish_reason=_FINISH[delta.finish_reason],
-                logprobs=logprobs,
-            )
-        )
-    if output.finished:
-        if not out:
-            out.append(pb.GenerateResponse(request_id=output.request_id))
-        out[-1].usage.CopyFrom(
-            pb.Usage(
-                prompt_tokens=output.prompt_tokens,
-                completion_tokens=output.completion_tokens,
-                media_tokens=prompt.media_tokens,
-                media_tokens_cached=prompt.media_tokens_cached,
-                cached_tokens=output.cached_tokens,
-            )
-        )
-    return out

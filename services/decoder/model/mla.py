@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.config import TextConfig
-from services.decoder.kv_cache import AttentionMetadata, PagedKVCache
-from services.decoder.rope import apply_rope
+from services.decoder.model.kv_cache import AttentionMetadata, PagedKVCache
+from services.decoder.model.rope import apply_rope
 
 # The reference (official Kimi-VL / DeepSeek-V3 remote code, and transformers) builds
 # q_a_layernorm and kv_a_layernorm with the RMSNorm default eps, not `rms_norm_eps`.

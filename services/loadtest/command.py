@@ -3,7 +3,7 @@
 `add_parser` registers the subcommand on the `kimi-vl` parser and routes it to `run` (through
 `set_defaults(func=run)`, as the other subcommands do). Flags and JSON keys are a stable interface:
 BENCHMARKS.md and scripts read them. Knows nothing about Ray or the model; the load itself is
-`services.bench.loadgen`'s.
+`services.loadtest.loadgen`'s.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.bench.loadgen import (
+from services.common.errors import InvalidInputError, KimiVLError
+from services.loadtest.loadgen import (
     DEFAULT_PROMPT,
     BenchConfig,
     BenchReport,
     LevelReport,
     run_benchmark,
 )
-from services.common.errors import InvalidInputError, KimiVLError
 
 _IMAGE_MIME = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 _DESCRIPTION = (

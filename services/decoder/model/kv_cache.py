@@ -1,10 +1,11 @@
 """The paged MLA latent cache and the per-step attention metadata.
 
-The engine owns both: it allocates blocks per sequence (`block_pool.BlockPool`), builds an
-`AttentionMetadata` for each model step and hands both the metadata and the `PagedKVCache` to the
-model's forward (no globals). Per token and layer the cache holds `latent_dim` values: the
-normalised compressed kv (kv_lora_rank) followed by the ROTATED shared rope key k_pe
-(qk_rope_head_dim).
+The engine owns both: it allocates blocks per sequence (`engine.block_pool.BlockPool`), builds
+an `AttentionMetadata` for each model step and hands both the metadata and the `PagedKVCache` to
+the model's forward (no globals). The layout lives here, with the model, because attention is what
+reads and writes it; the engine imports it, never the other way round. Per token and layer the
+cache holds `latent_dim` values: the normalised compressed kv (kv_lora_rank) followed by the
+ROTATED shared rope key k_pe (qk_rope_head_dim).
 
 Knows nothing about scheduling policy, the model's weights or tokens.
 """
@@ -17,10 +18,6 @@ from dataclasses import dataclass
 import torch
 
 PAD_BLOCK = 0  # fills block-table rows past a sequence's last block; never read unmasked
-
-
-def blocks_needed(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
 
 
 class PagedKVCache:

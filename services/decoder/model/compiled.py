@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.decoder.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache
-from services.decoder.model import DecoderForCausalLM
+from services.decoder.model.decoder import DecoderForCausalLM
+from services.decoder.model.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache
 
 logger = logging.getLogger(__name__)
 

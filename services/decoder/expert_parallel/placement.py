@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from services.common.errors import InvalidInputError
-from services.decoder.expert_parallel import Placement, check_placement, contiguous
+from services.decoder.expert_parallel.sharding import Placement, check_placement, contiguous
 
 _SAMPLE = re.compile(r"^(?:ray_)?kimi_vl_expert_tokens_total\{([^}]*)\}\s+([0-9.eE+-]+)\s*$", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')

@@ -24,7 +24,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from services.bench.stats import (
+from services.common.errors import UpstreamUnavailableError
+from services.loadtest.stats import (
     BenchReport,
     LevelReport,
     RequestResult,
@@ -32,7 +33,6 @@ from services.bench.stats import (
     summarize_level,
     timed_result,
 )
-from services.common.errors import UpstreamUnavailableError
 
 _ERROR_CHARS = 300  # of one error message
 

@@ -36,10 +36,10 @@ from services.common.errors import (
     UpstreamUnavailableError,
 )
 from services.common.tokenizer import KimiTokenizer
-from services.decoder.engine import EngineStats, LLMEngine, MediaSpan, StepOutput
-from services.decoder.output_text import OutputText
-from services.decoder.params import SamplingParams
-from services.decoder.sampling import TokenLogprobs
+from services.decoder.engine.llm_engine import EngineStats, LLMEngine, MediaSpan, StepOutput
+from services.decoder.engine.output_text import OutputText
+from services.decoder.engine.outputs import CompletionDelta, RequestOutput
+from services.decoder.engine.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -55,28 +55,6 @@ class GenerationRequest:
     media: tuple[MediaSpan, ...] = ()
     split_reasoning: bool | None = None  # None: the engine's default for this checkpoint
     deadline: float | None = None  # time.monotonic() after which the request is stopped
-
-
-@dataclass(frozen=True)
-class CompletionDelta:
-    """What one completion (choice) produced since the previous output."""
-
-    index: int
-    text: str = ""
-    reasoning: str = ""
-    token_ids: tuple[int, ...] = ()
-    logprobs: tuple[TokenLogprobs, ...] = ()
-    finish_reason: str | None = None  # "stop", "length" or "abort" on its last delta
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    request_id: str
-    outputs: tuple[CompletionDelta, ...]
-    finished: bool
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens served from the prefix cache
-    completion_tokens: int  # so far, over all completions
 
 
 class EngineObserver(Protocol):

@@ -2,13 +2,13 @@
 
 `DecoderServer` translates a `GenerateRequest` into the core's `GenerationRequest` and the core's
 `RequestOutput`s back into `GenerateResponse`s; the engine (paged KV cache, continuous batching,
-stop strings, reasoning split) lives in `services.decoder.async_engine`. Two entry points:
+stop strings, reasoning split) lives in `services.decoder.engine.async_engine`. Two entry points:
 - `Generate(request, grpc_context)`: external clients through Serve's gRPC proxy (metadata
   `("application", name)`); errors become status codes (`services.common.grpc_status`).
 - `generate(request)`: the same stream as a handle method for the pipeline
   (`handle.options(stream=True).generate.remote(request)`); errors raise as the project's.
 
-Request translation (prompt, media embeddings, sampling) lives in `services.decoder.translate`.
+Request translation (prompt, media embeddings, sampling) lives in `services.decoder.service.translate`.
 
 Cancellation: closing the response stream closes `AsyncEngine.generate`, which aborts the request
 and frees its KV blocks. Serve 2.60 delivers every way a stream can end early that way: a gRPC
@@ -18,7 +18,7 @@ cancels the `DeploymentResponseGenerator`; the replica then cancels the task run
 inner streams at once instead of at garbage collection. The request's own `timeout_s` becomes
 `GenerationRequest.deadline` (DEADLINE_EXCEEDED from the engine).
 
-`build_app(args)` returns the application (`import_path: services.decoder.server:build_app`, see
+`build_app(args)` returns the application (`import_path: services.decoder.service.server:build_app`, see
 cluster/decoder.yaml); Serve's gRPC proxy must list `GRPC_SERVICER_FUNCTION`.
 """
 
@@ -48,17 +48,18 @@ from services.common.errors import InvalidInputError
 from services.common.grpc_status import set_error_status
 from services.common.settings import check_dtype_name, known_fields
 from services.common.tokenizer import KimiTokenizer
-from services.common.weights import load_text_model
-from services.decoder.async_engine import (
+from services.decoder.engine.async_engine import (
     DEFAULT_MAX_WAITING_REQUESTS,
     AsyncEngine,
 )
-from services.decoder.engine import EngineConfig, LLMEngine
-from services.decoder.ep_group import EPSettings, start_group
-from services.decoder.metrics import DecoderMetrics, stats_dict
-from services.decoder.output_text import is_thinking_checkpoint
-from services.decoder.params import generation_defaults
-from services.decoder.translate import ModelFacts, responses, translate
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
+from services.decoder.engine.output_text import is_thinking_checkpoint
+from services.decoder.engine.params import generation_defaults
+from services.decoder.expert_parallel.group import EPSettings, start_group
+from services.decoder.loading import load_text_model
+from services.decoder.service.messages import responses
+from services.decoder.service.metrics import DecoderMetrics, stats_dict
+from services.decoder.service.translate import ModelFacts, translate
 from services.vision_encoder.cache import EmbeddingCache
 from services.vision_encoder.client import EncoderClients
 from services.vision_encoder.redis_cache import DEFAULT_SOCKET_TIMEOUT_S, RedisEmbeddingCache

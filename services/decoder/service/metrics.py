@@ -28,7 +28,7 @@ from typing import Any
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from services.common.metrics import PREFIX, TotalCounters, report_every
-from services.decoder.engine import EngineStats
+from services.decoder.engine.llm_engine import EngineStats
 
 logger = logging.getLogger(__name__)
 

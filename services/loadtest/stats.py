@@ -1,6 +1,6 @@
 """The load tool's figures: per-request results, percentiles, per-level and per-run reports.
 
-Pure: no I/O, no clients. `services.bench.loadgen` fills it from the requests it times.
+Pure: no I/O, no clients. `services.loadtest.loadgen` fills it from the requests it times.
 """
 
 from __future__ import annotations

@@ -25,6 +25,11 @@ from services.common.errors import CapacityError
 BlockHash = bytes
 
 
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    """How many blocks of `block_size` tokens hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
 @dataclass(frozen=True)
 class MediaKey:
     """Where one media item's placeholder run sits in a prompt, and what it shows."""

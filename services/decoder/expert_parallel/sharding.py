@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from services.common.errors import CheckpointError
-from services.decoder.moe import FusedExperts
+from services.decoder.model.moe import FusedExperts
 
 Placement = tuple[tuple[int, ...], ...]  # per rank, the routed experts it holds (hot ones may be on several)
 
@@ -279,7 +279,7 @@ def _copies(placement: Placement, num_experts: int, rank: int) -> tuple[torch.Te
 def shard_experts(model: nn.Module, ctx: EPContext) -> nn.Module:
     """Replace every MoE layer's `experts` of a model built on the meta device with this rank's
     `ShardedExperts` (a transform applied before loading, so only owned experts are read)."""
-    from services.decoder.moe import MoE
+    from services.decoder.model.moe import MoE
 
     for layer, block in enumerate(model.model.layers):
         if isinstance(block.mlp, MoE):

@@ -41,11 +41,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from services.common.errors import InvalidInputError, UpstreamUnavailableError
-from services.common.weights import load_text_model
-from services.decoder.engine import EngineConfig, EngineStats, LLMEngine, MediaSpan, StepOutput
-from services.decoder.ep_placement import read_placements
-from services.decoder.expert_parallel import EPContext, Placement, ShardedExperts, sharded_layers
-from services.decoder.params import SamplingParams
+from services.decoder.engine.llm_engine import EngineConfig, EngineStats, LLMEngine, MediaSpan, StepOutput
+from services.decoder.engine.params import SamplingParams
+from services.decoder.expert_parallel.placement import read_placements
+from services.decoder.expert_parallel.sharding import EPContext, Placement, ShardedExperts, sharded_layers
+from services.decoder.loading import load_text_model
 
 logger = logging.getLogger(__name__)
 

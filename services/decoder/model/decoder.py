@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from services.common.config import TextConfig
-from services.decoder.kv_cache import AttentionMetadata, PagedKVCache
-from services.decoder.mla import MLAttention, RMSNorm
-from services.decoder.moe import MLP, MoE
-from services.decoder.rope import RotaryEmbedding
+from services.decoder.model.kv_cache import AttentionMetadata, PagedKVCache
+from services.decoder.model.mla import MLAttention, RMSNorm
+from services.decoder.model.moe import MLP, MoE
+from services.decoder.model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):

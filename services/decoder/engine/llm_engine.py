@@ -17,14 +17,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from services.common.errors import CapacityError, InternalError, InvalidInputError
-from services.decoder.block_pool import MediaKey
-from services.decoder.compiled import MODES as CAPTURE_MODES
-from services.decoder.compiled import DecodeRunner
-from services.decoder.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache
-from services.decoder.model import DecoderForCausalLM
-from services.decoder.params import SamplingParams
-from services.decoder.sampling import TokenLogprobs, make_generator, sample
-from services.decoder.scheduler import ScheduledBatch, Scheduler, SeqState
+from services.decoder.engine.block_pool import MediaKey
+from services.decoder.engine.outputs import TokenLogprobs
+from services.decoder.engine.params import SamplingParams
+from services.decoder.engine.sampling import make_generator, sample
+from services.decoder.engine.scheduler import ScheduledBatch, Scheduler, SeqState
+from services.decoder.model.compiled import MODES as CAPTURE_MODES
+from services.decoder.model.compiled import DecodeRunner
+from services.decoder.model.decoder import DecoderForCausalLM
+from services.decoder.model.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache
 
 
 @dataclass(frozen=True)

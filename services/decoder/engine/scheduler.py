@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from services.decoder.block_pool import BlockHash, BlockPool, MediaKey, block_hashes
-from services.decoder.kv_cache import blocks_needed
-from services.decoder.params import SamplingParams
+from services.decoder.engine.block_pool import BlockHash, BlockPool, MediaKey, block_hashes, blocks_needed
+from services.decoder.engine.params import SamplingParams
 
 
 class SequenceStatus(Enum):

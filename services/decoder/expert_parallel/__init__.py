@@ -1,0 +1,1 @@
+"""Expert parallelism: shard the routed experts over ranks, plan their placement, run the group."""

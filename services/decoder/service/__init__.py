@@ -1,0 +1,1 @@
+"""The decoder stage as a Serve deployment: the shim, the wire translation and the metrics."""
