@@ -21,7 +21,8 @@ from services.common.chat_template import encode_chat, end_of_turn_ids
 from services.common.config import load_config, load_processor_config
 from services.common.errors import InvalidInputError
 from services.common.tokenizer import KimiTokenizer
-from services.decoder.engine.llm_engine import EngineConfig, LLMEngine, MediaSpan
+from services.decoder.engine.core import MediaSpan
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
 from services.decoder.engine.params import SamplingParams
 from services.kimi_vl import load_kimi_vl
 from services.preprocess.processor import ImageProcessor

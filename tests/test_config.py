@@ -173,3 +173,24 @@ def test_generated_config_follows_the_release_schema():
     assert cfg.vision_config.num_hidden_layers >= 2
     mid = parse_config(build_config("mid", 1280, SPECIAL))
     assert mid.text_config.hidden_size == 2048 and mid.text_config.n_routed_experts == 64
+
+
+def test_generation_config_is_parsed_once_with_checked_fields(tmp_path):
+    from services.common.config import GenerationConfig, load_generation_config, parse_generation_config
+    from services.decoder.engine.params import generation_defaults
+
+    assert load_generation_config(tmp_path) == GenerationConfig()  # no file: recommends nothing
+    (tmp_path / "generation_config.json").write_text(
+        '{"eos_token_id": 7, "temperature": 0.8, "do_sample": false}'
+    )
+    cfg = load_generation_config(tmp_path)
+    assert cfg.eos_token_id == (7,) and cfg.temperature == 0.8
+    assert generation_defaults(cfg) == {"temperature": 0.0}  # do_sample false: greedy
+    assert parse_generation_config({"eos_token_id": [1, 2], "top_k": 20}).eos_token_id == (1, 2)
+    bad_values = {"eos_token_id": "x", "top_p": "high", "do_sample": "no", "max_new_tokens": True}
+    for field, value in bad_values.items():
+        with pytest.raises(CheckpointError, match=field):
+            parse_generation_config({field: value})
+    (tmp_path / "generation_config.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match="JSON object"):
+        load_generation_config(tmp_path)

@@ -21,9 +21,11 @@ from protos.kimi_vl.v1 import generate_pb2_grpc as pb_grpc
 from services.common import tensor_codec
 from services.common.chat_template import encode_chat
 from services.common.checkpoint import write_checkpoint
+from services.common.config import GenerationConfig
 from services.common.errors import DeadlineExceededError, InvalidInputError, UpstreamUnavailableError
 from services.common.tokenizer import KimiTokenizer
-from services.decoder.engine.llm_engine import EngineConfig, LLMEngine, MediaSpan
+from services.decoder.engine.core import MediaSpan
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
 from services.decoder.engine.outputs import CompletionDelta, RequestOutput, TokenLogprobs
 from services.decoder.engine.params import SamplingParams, generation_defaults
 from services.decoder.loading import load_text_model
@@ -156,7 +158,7 @@ def test_settings_from_args(checkpoint):
 
 
 def test_sampling_defaults_apply_only_to_unset_fields():
-    defaults = generation_defaults({"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 32})
+    defaults = generation_defaults(GenerationConfig(temperature=0.6, top_p=0.95, max_new_tokens=32))
     params = sampling_params(pb.SamplingParams(), defaults)
     assert (params.temperature, params.max_new_tokens, params.logprobs, params.n) == (
         pytest.approx(0.6),

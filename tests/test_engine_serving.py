@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from services.common.checkpoint import write_checkpoint
-from services.decoder.engine.llm_engine import EngineConfig, LLMEngine, MediaSpan
+from services.decoder.engine.core import MediaSpan
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
 from services.decoder.engine.params import SamplingParams
 from services.decoder.loading import load_text_model
 

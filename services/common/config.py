@@ -337,12 +337,61 @@ def load_processor_config(checkpoint_dir: str | Path, vision: VisionConfig | Non
     return parse_processor_config(_read_json(Path(checkpoint_dir) / PREPROCESSOR_CONFIG_FILE), vision)
 
 
+@dataclass(frozen=True)
+class GenerationConfig:
+    """`generation_config.json`: the sampling the checkpoint recommends and its end-of-text ids.
+    Field names are transformers' keys; None: the checkpoint says nothing."""
+
+    eos_token_id: tuple[int, ...] | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+
+
+def parse_generation_config(raw: dict[str, Any]) -> GenerationConfig:
+    where = GENERATION_CONFIG_FILE
+    eos = raw.get("eos_token_id")
+    ids = [eos] if isinstance(eos, int) else eos
+    _check(
+        ids is None or (isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids)),
+        where,
+        f"eos_token_id must be a token id or a list of them, got {eos!r}",
+    )
+    numbers: dict[str, Any] = {}
+    for f in fields(GenerationConfig):
+        if f.name in ("eos_token_id", "do_sample") or raw.get(f.name) is None:
+            continue
+        value = raw[f.name]
+        _check(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            where,
+            f"{f.name} must be a number, got {value!r}",
+        )
+        numbers[f.name] = value
+    do_sample = raw.get("do_sample")
+    _check(
+        do_sample is None or isinstance(do_sample, bool),
+        where,
+        f"do_sample must be a boolean, got {do_sample!r}",
+    )
+    return GenerationConfig(eos_token_id=None if ids is None else tuple(ids), do_sample=do_sample, **numbers)
+
+
+def load_generation_config(checkpoint_dir: str | Path) -> GenerationConfig:
+    """The checkpoint's generation config; one without the file recommends nothing."""
+    path = Path(checkpoint_dir) / GENERATION_CONFIG_FILE
+    return parse_generation_config(_read_json(path)) if path.is_file() else GenerationConfig()
+
+
 def load_stop_token_ids(checkpoint_dir: str | Path, text: TextConfig) -> tuple[int, ...]:
     """Token ids that end generation: the generation config's eos ids, else the text config's."""
-    path = Path(checkpoint_dir) / GENERATION_CONFIG_FILE
-    eos: Any = _read_json(path).get("eos_token_id") if path.is_file() else None
-    if eos is None:
-        eos = text.eos_token_id
-    if eos is None:
+    eos = load_generation_config(checkpoint_dir).eos_token_id
+    if eos is not None:
+        return eos
+    if text.eos_token_id is None:
         return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return tuple(text.eos_token_id) if isinstance(text.eos_token_id, list) else (int(text.eos_token_id),)

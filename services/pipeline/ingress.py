@@ -34,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 
 from protos.kimi_vl.v1 import chat_pb2
 from protos.kimi_vl.v1 import generate_pb2 as gen_pb
-from services.common.config import GENERATION_CONFIG_FILE, load_processor_config
+from services.common.config import load_generation_config, load_processor_config
 from services.common.errors import InvalidInputError, KimiVLError
 from services.common.grpc_status import set_error_status
 from services.common.metrics import TotalCounters
@@ -132,8 +132,7 @@ class ChatIngressServer:
         )
         root = Path(settings.checkpoint_dir)
         self.tokenizer = KimiTokenizer.from_pretrained(root)
-        path = root / GENERATION_CONFIG_FILE
-        self.defaults = generation_defaults(json.loads(path.read_text("utf-8")) if path.is_file() else {})
+        self.defaults = generation_defaults(load_generation_config(root))
         self.created = int(time.time())
         self._fingerprint: str | None = None
         resolver = MediaResolver(

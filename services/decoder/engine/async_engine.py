@@ -3,7 +3,8 @@
 `AsyncEngine.generate(request)` queues a request and yields `RequestOutput`s as its tokens come:
 text deltas (never a broken UTF-8 character; stop strings cut; reasoning split from the answer
 for Thinking checkpoints), token ids, logprobs, and at the end the finish reason and usage.
-The step thread owns the `LLMEngine`; the event loop side only talks to it through an inbox
+The step thread owns the engine core (`core.EngineCore`: an `LLMEngine`, or an expert-parallel
+group of them); the event loop side only talks to it through an inbox
 (adds and aborts) and per-request queues, so a slow client never stalls a step.
 
 - Backpressure: more than `max_waiting_requests` requests not yet admitted -> `CapacityError`
@@ -36,7 +37,7 @@ from services.common.errors import (
     UpstreamUnavailableError,
 )
 from services.common.tokenizer import KimiTokenizer
-from services.decoder.engine.llm_engine import EngineStats, LLMEngine, MediaSpan, StepOutput
+from services.decoder.engine.core import EngineCore, EngineStats, MediaSpan, StepOutput
 from services.decoder.engine.output_text import OutputText
 from services.decoder.engine.outputs import CompletionDelta, RequestOutput
 from services.decoder.engine.params import SamplingParams
@@ -90,7 +91,7 @@ class _Live:
 class AsyncEngine:
     def __init__(
         self,
-        engine: LLMEngine,
+        engine: EngineCore,
         tokenizer: KimiTokenizer | None = None,
         *,
         eos_token_ids: Sequence[int] = (),
@@ -230,7 +231,8 @@ class AsyncEngine:
             self._lock.notify()
 
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
-        """Refuse new requests, let running ones finish (up to the timeout), then stop the thread."""
+        """Refuse new requests, let running ones finish (up to the timeout), stop the thread, then
+        release the core (an expert-parallel group's ranks)."""
         with self._lock:
             self._stopping = True
         end = time.monotonic() + drain_timeout_s
@@ -241,6 +243,7 @@ class AsyncEngine:
                 self._aborts.append((live, None))
             self._lock.notify()
         await asyncio.to_thread(self._join)
+        self.engine.shutdown()
 
     def _join(self) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ import torch
 
 from services.common.errors import CapacityError, InternalError, InvalidInputError
 from services.decoder.engine.block_pool import MediaKey
-from services.decoder.engine.outputs import TokenLogprobs
+from services.decoder.engine.core import EngineStats, ExpertLoad, MediaSpan, StepOutput
 from services.decoder.engine.params import SamplingParams
 from services.decoder.engine.sampling import make_generator, sample
 from services.decoder.engine.scheduler import ScheduledBatch, Scheduler, SeqState
@@ -56,40 +56,9 @@ class EngineConfig:
         return -(-self.kv_cache_tokens // self.block_size)
 
 
-@dataclass(frozen=True)
-class MediaSpan:
-    """One image's (or video frame's) embeddings [L, H], placed at prompt rows offset..offset+L."""
-
-    offset: int
-    embeds: torch.Tensor
-    content_hash: str | None = None  # None: its KV blocks are never shared
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    seq_id: int
-    token_id: int
-    finished: bool
-    finish_reason: str | None = None
-    logprobs: TokenLogprobs | None = None
-    cached_tokens: int = 0  # prompt tokens this sequence took from the prefix cache
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # fraction of blocks held by admitted sequences
-    num_free_blocks: int
-    num_blocks: int
-    prefix_cache_queries: int  # prompt tokens looked up
-    prefix_cache_hits: int  # prompt tokens served from the cache
-    prompt_tokens: int  # prompt tokens of admitted requests (cache hits included)
-    generation_tokens: int
-    steps: int
-
-
 class LLMEngine:
+    """One process's engine: the model, its paged KV cache and the scheduler (an `EngineCore`)."""
+
     def __init__(self, model: DecoderForCausalLM, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
@@ -217,6 +186,12 @@ class LLMEngine:
             generation_tokens=self._generation_tokens,
             steps=self._steps,
         )
+
+    def expert_load(self) -> ExpertLoad | None:
+        return None  # every expert is in this process
+
+    def shutdown(self) -> None:
+        pass  # holds nothing outside this process
 
     # --- the step -------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from services.common.config import GenerationConfig
 from services.common.errors import InvalidInputError
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
@@ -128,28 +129,21 @@ def _check(ok: bool, message: str, value: Any) -> None:
         raise InvalidInputError(f"{message}, got {value!r}")
 
 
-# generation_config.json keys -> SamplingParams fields (transformers' names on the left)
-GENERATION_CONFIG_KEYS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "max_new_tokens": "max_new_tokens",
-}
+# generation_config.json fields that are SamplingParams defaults (the same names on both sides)
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
-def generation_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
+def generation_defaults(generation_config: GenerationConfig) -> dict[str, Any]:
     """The SamplingParams defaults a checkpoint's generation_config.json recommends.
 
     transformers' `do_sample: false` means greedy whatever the temperature says.
     """
     out = {
-        field: generation_config[key]
-        for key, field in GENERATION_CONFIG_KEYS.items()
-        if generation_config.get(key) is not None
+        name: getattr(generation_config, name)
+        for name in GENERATION_CONFIG_FIELDS
+        if getattr(generation_config, name) is not None
     }
-    if generation_config.get("do_sample") is False:
+    if generation_config.do_sample is False:
         out["temperature"] = 0.0
     SamplingParams(**out)  # a bad checkpoint value fails here, with the field's name
     return out

@@ -41,7 +41,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from services.common.errors import InvalidInputError, UpstreamUnavailableError
-from services.decoder.engine.llm_engine import EngineConfig, EngineStats, LLMEngine, MediaSpan, StepOutput
+from services.decoder.engine.core import EngineStats, ExpertLoad, MediaSpan, StepOutput
+from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
 from services.decoder.engine.params import SamplingParams
 from services.decoder.expert_parallel.placement import read_placements
 from services.decoder.expert_parallel.sharding import EPContext, Placement, ShardedExperts, sharded_layers
@@ -167,7 +168,7 @@ class EPRankWorker:
 
 
 class EPEngine:
-    """`LLMEngine`'s interface over a group of rank actors (see the module docstring)."""
+    """The `EngineCore` interface over a group of rank actors (see the module docstring)."""
 
     def __init__(self, workers: Sequence[Any], step_timeout_s: float, group: Any = None) -> None:
         self.workers = list(workers)
@@ -229,7 +230,7 @@ class EPEngine:
         self.expert_tokens = tokens
         return outputs
 
-    def expert_load(self) -> tuple[dict[int, list[int]], float]:
+    def expert_load(self) -> ExpertLoad:
         """Rows per expert per MoE layer so far, and the last step's max/mean rows per rank."""
         mean = sum(self._rows) / self.size
         return dict(self.expert_tokens), (max(self._rows) / mean if mean > 0 else 1.0)
@@ -264,11 +265,22 @@ class EPEngine:
         except (RayActorError, GetTimeoutError) as e:
             raise UpstreamUnavailableError(f"an expert-parallel rank is gone or stalled: {e}") from e
 
+    def inject_rank_fault(self, kind: str) -> None:
+        """Tests only: "kill_rank" kills the last rank; "stall_rank" makes it hang in its next step
+        (its peers then wait in a collective) without dying."""
+        if kind == "kill_rank":
+            ray.kill(self.workers[-1])
+        elif kind == "stall_rank":
+            self.workers[-1].stall.remote(3600.0)
+        else:
+            raise InvalidInputError(f"unknown rank fault {kind!r}")
+
     def shutdown(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
+            self.placement_group = None
 
 
 def rank_bundles(

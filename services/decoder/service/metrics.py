@@ -28,7 +28,7 @@ from typing import Any
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from services.common.metrics import PREFIX, TotalCounters, report_every
-from services.decoder.engine.llm_engine import EngineStats
+from services.decoder.engine.core import EngineStats, ExpertLoad
 
 logger = logging.getLogger(__name__)
 
@@ -166,13 +166,14 @@ class DecoderMetrics:
         self,
         stats: Callable[[], EngineStats],
         interval_s: float,
-        expert_load: Callable[[], tuple[dict[int, list[int]], float]] | None = None,
+        expert_load: Callable[[], ExpertLoad | None] = lambda: None,
     ) -> None:
         """Report every `interval_s` until cancelled (a failing report is logged, not fatal)."""
 
         def report() -> None:
             self.report(stats())
-            if expert_load is not None:
-                self.report_expert_load(*expert_load())
+            load = expert_load()
+            if load is not None:
+                self.report_expert_load(*load)
 
         await report_every(report, interval_s, "decoder")

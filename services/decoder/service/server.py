@@ -25,7 +25,6 @@ cluster/decoder.yaml); Serve's gRPC proxy must list `GRPC_SERVICER_FUNCTION`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -42,7 +41,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from protos.kimi_vl.v1 import generate_pb2 as pb
 from services.common.chat_template import end_of_turn_ids
-from services.common.config import GENERATION_CONFIG_FILE, KimiVLConfig, load_config
+from services.common.config import KimiVLConfig, load_config, load_generation_config
 from services.common.devices import resolve_device, resolve_dtype
 from services.common.errors import InvalidInputError
 from services.common.grpc_status import set_error_status
@@ -52,10 +51,11 @@ from services.decoder.engine.async_engine import (
     DEFAULT_MAX_WAITING_REQUESTS,
     AsyncEngine,
 )
+from services.decoder.engine.core import EngineCore
 from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
 from services.decoder.engine.output_text import is_thinking_checkpoint
 from services.decoder.engine.params import generation_defaults
-from services.decoder.expert_parallel.group import EPSettings, start_group
+from services.decoder.expert_parallel.group import EPEngine, EPSettings, start_group
 from services.decoder.loading import load_text_model
 from services.decoder.service.messages import responses
 from services.decoder.service.metrics import DecoderMetrics, stats_dict
@@ -143,7 +143,7 @@ def load_engine(
     dtype = resolve_dtype(settings.dtype, device)
     if settings.ep.size > 1:  # the model lives in the group's ranks, not in this replica
         dtype_name = str(dtype).removeprefix("torch.")
-        core: Any = start_group(
+        core: EngineCore = start_group(
             settings.ep, str(root), dtype_name, device, settings.engine, settings.num_threads
         )
     else:
@@ -174,13 +174,11 @@ class DecoderServer:
         root = Path(settings.checkpoint_dir)
         config = load_config(root)
         tokenizer = KimiTokenizer.from_pretrained(root)
-        path = root / GENERATION_CONFIG_FILE
-        generation_config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         self.facts = ModelFacts(
             tokenizer,
             config.media_placeholder_token_id,
             config.text_config.hidden_size,
-            generation_defaults(generation_config),
+            generation_defaults(load_generation_config(root)),
         )
         self.metrics = DecoderMetrics(root.name)
         self.engine = load_engine(settings, config, tokenizer, self.metrics)
@@ -198,8 +196,8 @@ class DecoderServer:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return  # built outside a loop (unit tests): started by the first request
-            load = getattr(self.engine.engine, "expert_load", None)  # expert-parallel groups
-            task = self.metrics.run(self.engine.stats, self.settings.metrics_interval_s, load)
+            core = self.engine.engine
+            task = self.metrics.run(self.engine.stats, self.settings.metrics_interval_s, core.expert_load)
             self._reporter = loop.create_task(task)
 
     # --- the stream, for both entry points -------------------------------------------------------
@@ -252,10 +250,10 @@ class DecoderServer:
         }
 
     def _expert_summary(self) -> dict[str, Any]:
-        load = getattr(self.engine.engine, "expert_load", None)
+        load = self.engine.engine.expert_load()
         if load is None:
             return {}
-        tokens, imbalance = load()
+        tokens, imbalance = load
         return {"expert_tokens_per_layer": tokens, "expert_rank_imbalance": imbalance}
 
     async def check_health(self) -> None:
@@ -270,13 +268,10 @@ class DecoderServer:
         if not self.settings.enable_fault_injection:
             raise InvalidInputError("fault injection is disabled (enable_fault_injection: false)")
         core = self.engine.engine
-        if kind == "kill_rank":
-            import ray
-
-            ray.kill(core.workers[-1])
-            return
-        if kind == "stall_rank":
-            core.workers[-1].stall.remote(3600.0)
+        if kind in ("kill_rank", "stall_rank"):
+            if not isinstance(core, EPEngine):
+                raise InvalidInputError(f"{kind} needs an expert-parallel decoder (ep.size > 1)")
+            core.inject_rank_fault(kind)
             return
 
         def failing_step() -> list:
@@ -289,10 +284,7 @@ class DecoderServer:
         if self._reporter is not None:
             self._reporter.cancel()
         open_requests = self.engine.num_open_requests()
-        await self.engine.shutdown(drain_timeout_s=SHUTDOWN_DRAIN_S)
-        stop_group = getattr(self.engine.engine, "shutdown", None)  # an expert-parallel group's ranks
-        if stop_group is not None:
-            stop_group()
+        await self.engine.shutdown(drain_timeout_s=SHUTDOWN_DRAIN_S)  # releases a group's ranks too
         logger.info("decoder stopped (%d requests were still open)", open_requests)
 
 

@@ -31,7 +31,7 @@ from services.common.chat_template import encode_chat
 from services.common.errors import InvalidInputError, NotCachedError, UpstreamUnavailableError
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine.async_engine import GenerationRequest
-from services.decoder.engine.llm_engine import MediaSpan
+from services.decoder.engine.core import MediaSpan
 from services.decoder.service.messages import sampling_params
 from services.vision_encoder.cache import EmbeddingCache
 from services.vision_encoder.redis_cache import RedisCacheStats
