@@ -392,6 +392,36 @@ def test_shim_streams_refuses_and_times_out_without_ray(checkpoint, tokenizer, r
     assert stats["time_to_first_token_seconds_count"] == 1 and stats["replica"] is None
 
 
+def test_split_reasoning_auto_reads_the_checkpoint_not_its_folder_name(checkpoint, tmp_path, caplog):
+    """A folder renamed *-Thinking changes nothing; a config.json that names a Thinking model does."""
+    import json
+    import logging
+
+    from services.common.config import load_config
+    from services.decoder.service.metrics import DecoderMetrics
+    from services.decoder.service.server import load_engine
+
+    def split_for(folder: Path, name_or_path: str | None) -> bool:
+        folder.mkdir()
+        for item in checkpoint.iterdir():
+            (folder / item.name).symlink_to(item)
+        raw = json.loads((checkpoint / "config.json").read_text())
+        if name_or_path is not None:
+            raw["_name_or_path"] = name_or_path
+        (folder / "config.json").unlink()
+        (folder / "config.json").write_text(json.dumps(raw))
+        tok, config = KimiTokenizer.from_pretrained(folder), load_config(folder)
+        engine = load_engine(settings_for(folder), config, tok, DecoderMetrics(folder.name))
+        asyncio.run(engine.shutdown(drain_timeout_s=0.1))
+        return engine.split_reasoning
+
+    with caplog.at_level(logging.INFO, logger="services.decoder.service.server"):
+        assert split_for(tmp_path / "Kimi-VL-A3B-Thinking-2506", None) is False
+        assert split_for(tmp_path / "tiny", "moonshotai/Kimi-VL-A3B-Thinking-2506") is True
+    decisions = [r.getMessage() for r in caplog.records if "split_reasoning auto" in r.getMessage()]
+    assert decisions[0].startswith("split_reasoning auto: off") and "config.json names it" in decisions[1]
+
+
 def test_serve_config_is_valid_and_builds(checkpoint):
     from ray.serve.schema import ServeDeploySchema
 

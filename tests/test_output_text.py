@@ -16,7 +16,7 @@ from services.decoder.engine.output_text import (
     THINK_START,
     OutputText,
     TextDelta,
-    is_thinking_checkpoint,
+    thinking_evidence,
 )
 
 
@@ -352,15 +352,17 @@ def test_random_streams_match_the_reference(tok: KimiTokenizer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "template", "expected"),
+    ("template", "model_name", "expected"),
     [
-        ("Kimi-VL-A3B-Thinking-2506", None, True),
-        ("kimi-vl-a3b-THINKING", "", True),
-        ("Kimi-VL-A3B-Instruct", None, False),
-        ("Kimi-VL-A3B-Instruct", "{{ messages }}", False),
-        ("tiny", f"{{% if '{THINK_END}' in content %}}...{{% endif %}}", True),
-        ("tiny", f"{THINK_START}", True),
+        (None, "moonshotai/Kimi-VL-A3B-Thinking-2506", True),
+        ("", "kimi-vl-a3b-THINKING", True),
+        (None, "moonshotai/Kimi-VL-A3B-Instruct", False),
+        ("{{ messages }}", "moonshotai/Kimi-VL-A3B-Instruct", False),
+        ("{{ messages }}", None, False),  # a folder named *-Thinking with nothing inside saying so
+        (f"{{% if '{THINK_END}' in content %}}...{{% endif %}}", None, True),
+        (f"{THINK_START}", "tiny", True),
     ],
 )
-def test_is_thinking_checkpoint(name: str, template: str | None, expected: bool) -> None:
-    assert is_thinking_checkpoint(name, template) is expected
+def test_thinking_evidence(template: str | None, model_name: str | None, expected: bool) -> None:
+    reason = thinking_evidence(template, model_name)
+    assert (reason is not None) is expected

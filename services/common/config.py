@@ -157,6 +157,9 @@ class KimiVLConfig:
     text_config: TextConfig
     media_placeholder_token_id: int
     model_type: str = "kimi_vl"
+    # the model's name as transformers records it on saving (`_name_or_path`, e.g.
+    # "moonshotai/Kimi-VL-A3B-Thinking-2506"); None when the checkpoint does not say
+    name_or_path: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -290,7 +293,14 @@ def parse_config(raw: dict[str, Any]) -> KimiVLConfig:
         "config.json",
         f"media_placeholder_token_id {pad_id} is outside the vocabulary ({text.vocab_size})",
     )
-    return KimiVLConfig(vision_config=vision, text_config=text, media_placeholder_token_id=pad_id, raw=raw)
+    name = raw.get("_name_or_path")
+    return KimiVLConfig(
+        vision_config=vision,
+        text_config=text,
+        media_placeholder_token_id=pad_id,
+        name_or_path=name if isinstance(name, str) and name else None,
+        raw=raw,
+    )
 
 
 def parse_processor_config(raw: dict[str, Any], vision: VisionConfig | None = None) -> ProcessorConfig:

@@ -39,13 +39,16 @@ class TextDelta:
     reasoning: str = ""
 
 
-def is_thinking_checkpoint(name: str, chat_template: str | None) -> bool:
-    """Whether a checkpoint emits ◁think▷ blocks: its name (the folder name, e.g.
-    "Kimi-VL-A3B-Thinking-2506") contains "thinking" in any case, or its chat template mentions a
-    think marker."""
-    if "thinking" in name.lower():
-        return True
-    return chat_template is not None and (THINK_START in chat_template or THINK_END in chat_template)
+def thinking_evidence(chat_template: str | None, model_name: str | None) -> str | None:
+    """Why a checkpoint writes ◁think▷ blocks (a Thinking one), from what it ships, or None when
+    nothing in it says so: its chat template mentions a think marker, or the model name its
+    config.json records (`_name_or_path`, e.g. "moonshotai/Kimi-VL-A3B-Thinking-2506") is a
+    Thinking one. The folder's name is not evidence: renaming a folder changes nothing."""
+    if chat_template is not None and (THINK_START in chat_template or THINK_END in chat_template):
+        return "its chat template mentions a think marker"
+    if model_name is not None and "thinking" in model_name.lower():
+        return f"config.json names it {model_name!r}"
+    return None
 
 
 def _proper_prefixes(patterns: Iterable[str]) -> frozenset[str]:

@@ -53,7 +53,7 @@ from services.decoder.engine.async_engine import (
 )
 from services.decoder.engine.core import EngineCore
 from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
-from services.decoder.engine.output_text import is_thinking_checkpoint
+from services.decoder.engine.output_text import thinking_evidence
 from services.decoder.engine.params import generation_defaults
 from services.decoder.expert_parallel.group import EPEngine, EPSettings, start_group
 from services.decoder.loading import load_text_model
@@ -94,7 +94,7 @@ class DecoderSettings:
     device: str = "auto"
     engine: EngineConfig = field(default_factory=EngineConfig)  # block_size, kv_cache_tokens, ...
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
-    split_reasoning: str | bool = "auto"  # auto: on for Thinking checkpoints (name or chat template)
+    split_reasoning: str | bool = "auto"  # auto: on for Thinking checkpoints (chat template or config.json)
     cache: EmbeddingCacheSettings = field(default_factory=EmbeddingCacheSettings)
     num_threads: int | None = None  # torch CPU threads (build_app: num_cpus on CPU)
     metrics_interval_s: float = 1.0
@@ -150,7 +150,13 @@ def load_engine(
         core = LLMEngine(load_text_model(root, dtype, device), settings.engine)
     split = settings.split_reasoning
     if split == "auto":
-        split = is_thinking_checkpoint(root.name, tokenizer.chat_template)
+        reason = thinking_evidence(tokenizer.chat_template, config.name_or_path)
+        split = reason is not None
+        logger.info(
+            "split_reasoning auto: %s (%s)",
+            "on" if split else "off",
+            reason or "neither the chat template nor config.json says it is a Thinking checkpoint",
+        )
     return AsyncEngine(
         core,
         tokenizer,
