@@ -38,7 +38,7 @@ from services.common.checkpoint import write_checkpoint
 from services.common.config import load_processor_config
 from services.preprocess.core import PreprocessEngine
 from services.preprocess.media import MediaInput
-from services.preprocess.video import VideoSampling
+from services.preprocess.settings import VideoSampling
 from services.vision_encoder.cache import EmbeddingCache, LRUEmbeddingCache
 from services.vision_encoder.engine import EncoderEngine, ImageToEncode, engine_fingerprint, split_packed
 from services.vision_encoder.model import load_vision_encoder

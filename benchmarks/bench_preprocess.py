@@ -40,7 +40,8 @@ from PIL import Image
 from services.common.config import ProcessorConfig, parse_processor_config
 from services.preprocess.core import PreprocessEngine
 from services.preprocess.media import MediaInput
-from services.preprocess.video import VideoSampling, process_video, sample_indices
+from services.preprocess.settings import VideoSampling
+from services.preprocess.video import process_video, sample_indices
 
 SIZES = [(224, 224), (640, 480), (1280, 720), (1920, 1080), (4000, 3000)]
 

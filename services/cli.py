@@ -65,7 +65,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from services.common.config import load_processor_config
     from services.preprocess.core import PreprocessEngine
     from services.preprocess.media import MediaInput
-    from services.preprocess.video import DEFAULT_FRAME_TOKEN_LIMIT, DEFAULT_MAX_FRAMES, VideoSampling
+    from services.preprocess.settings import DEFAULT_FRAME_TOKEN_LIMIT, DEFAULT_MAX_FRAMES, VideoSampling
 
     frame_limit = DEFAULT_FRAME_TOKEN_LIMIT if args.frame_token_limit is None else args.frame_token_limit
     sampling = VideoSampling(
@@ -194,7 +194,7 @@ def _encode_media(
     from services.common.config import load_processor_config
     from services.preprocess.core import PreprocessEngine
     from services.preprocess.media import MediaInput
-    from services.preprocess.video import DEFAULT_FRAME_TOKEN_LIMIT, DEFAULT_MAX_FRAMES, VideoSampling
+    from services.preprocess.settings import DEFAULT_FRAME_TOKEN_LIMIT, DEFAULT_MAX_FRAMES, VideoSampling
     from services.vision_encoder.engine import load_engine, split_packed
 
     frame_limit = DEFAULT_FRAME_TOKEN_LIMIT if args.frame_token_limit is None else args.frame_token_limit

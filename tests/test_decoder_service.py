@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from protos.kimi_vl.v1 import chat_pb2
 from protos.kimi_vl.v1 import generate_pb2 as pb
 from protos.kimi_vl.v1 import generate_pb2_grpc as pb_grpc
 from services.common import tensor_codec
@@ -96,22 +97,10 @@ def embeds(seed: int, rows: int) -> torch.Tensor:
     return torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(seed))
 
 
-def greedy(max_new_tokens: int = 8, **extra) -> pb.SamplingParams:
-    return pb.SamplingParams(
+def greedy(max_new_tokens: int = 8, **extra) -> chat_pb2.SamplingParams:
+    return chat_pb2.SamplingParams(
         **{"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True, **extra}
     )
-
-
-def user(*parts: pb.PromptPart) -> pb.PromptMessages:
-    return pb.PromptMessages(messages=[pb.PromptMessage(role=pb.ROLE_USER, parts=list(parts))])
-
-
-def text(value: str) -> pb.PromptPart:
-    return pb.PromptPart(text=value)
-
-
-def media(index: int) -> pb.PromptPart:
-    return pb.PromptPart(media_index=index)
 
 
 def inline(tensor: torch.Tensor, timestamp: str = "") -> pb.EmbeddingSegment:
@@ -120,9 +109,13 @@ def inline(tensor: torch.Tensor, timestamp: str = "") -> pb.EmbeddingSegment:
     )
 
 
-def image_request(tensor: torch.Tensor, question: str = "what is this?", **sampling) -> pb.GenerateRequest:
+def image_request(
+    tokenizer: KimiTokenizer, tensor: torch.Tensor, question: str = "what is this?", **sampling
+) -> pb.GenerateRequest:
+    """An image and a question, rendered by the chat template as the ingress renders them."""
+    ids, _ = chat_ids(tokenizer, [{"type": "image"}, {"type": "text", "text": question}], [tensor.shape[0]])
     return pb.GenerateRequest(
-        messages=user(media(0), text(question)),
+        tokens=pb.PromptTokens(ids=ids),
         media=[pb.MediaEmbeddings(segments=[inline(tensor)])],
         sampling=greedy(**sampling),
     )
@@ -159,14 +152,14 @@ def test_settings_from_args(checkpoint):
 
 def test_sampling_defaults_apply_only_to_unset_fields():
     defaults = generation_defaults(GenerationConfig(temperature=0.6, top_p=0.95, max_new_tokens=32))
-    params = sampling_params(pb.SamplingParams(), defaults)
+    params = sampling_params(chat_pb2.SamplingParams(), defaults)
     assert (params.temperature, params.max_new_tokens, params.logprobs, params.n) == (
         pytest.approx(0.6),
         32,
         None,
         1,
     )
-    explicit = pb.SamplingParams(
+    explicit = chat_pb2.SamplingParams(
         temperature=0.0, max_new_tokens=4, top_k=5, min_p=0.1, repetition_penalty=1.2,
         presence_penalty=0.5, frequency_penalty=-0.5, stop=["\n\n"], stop_token_ids=[7], logprobs=0,
         n=2, seed=3, ignore_eos=True,
@@ -188,7 +181,7 @@ def test_sampling_defaults_apply_only_to_unset_fields():
         ({"stop": ["x" * 300]}, "stop strings"),
     ]:
         with pytest.raises(InvalidInputError, match=message):
-            sampling_params(pb.SamplingParams(**bad), defaults)
+            sampling_params(chat_pb2.SamplingParams(**bad), defaults)
 
 
 def test_placeholder_runs():
@@ -218,41 +211,24 @@ def test_token_prompt_runs_must_match_segments(facts):
         translate(swapped, facts, None, request_id="r")
 
 
-def test_message_prompt_renders_images_and_timestamped_frames(facts, tokenizer):
-    image, frames = embeds(0, 4), [embeds(1, 2), embeds(2, 2)]
-    video = pb.MediaEmbeddings(segments=[inline(frames[0], "00:00:00.0"), inline(frames[1], "00:00:01.5")])
+def test_translate_carries_the_deadline_reasoning_split_and_request_id(facts):
+    pad = facts.placeholder_id
     request = pb.GenerateRequest(
-        messages=user(text("compare"), media(1), text("and"), media(0)),
-        media=[pb.MediaEmbeddings(segments=[inline(image)]), video],
-        sampling=pb.SamplingParams(timeout_s=5.0, split_reasoning=True),
+        tokens=pb.PromptTokens(ids=[5, pad, pad, 6]),
+        media=[pb.MediaEmbeddings(segments=[inline(embeds(1, 2), "00:00:01.5")])],
+        sampling=chat_pb2.SamplingParams(timeout_s=5.0, split_reasoning=True),
     )
-    prompt = translate(request, facts, None, request_id="r", now=100.0)
-    parts = [
-        {"type": "text", "text": "compare"},
-        {"type": "text", "text": "00:00:00.0"}, {"type": "image"},
-        {"type": "text", "text": "00:00:01.5"}, {"type": "image"},
-        {"type": "text", "text": "and"}, {"type": "image"},
-    ]  # fmt: skip
-    ids, spans = chat_ids(tokenizer, parts, [2, 2, 4])
-    core = prompt.request
-    assert core.prompt_ids == ids and [(m.offset, m.embeds.shape[0]) for m in core.media] == spans
-    for span, want in zip(core.media, [*frames, image], strict=True):
-        assert torch.equal(span.embeds, want)
+    core = translate(request, facts, None, request_id="r", now=100.0).request
     assert core.deadline == pytest.approx(105.0) and core.split_reasoning is True
-    assert core.request_id == "r" and prompt.media_tokens == 8
-
-    no_prompt = pb.GenerateRequest(
-        messages=pb.PromptMessages(messages=request.messages.messages, add_generation_prompt=False),
-        media=request.media,
-    )
-    without = translate(no_prompt, facts, None, request_id="r").request.prompt_ids
-    assert ids[: len(without)] == without and len(without) < len(ids)
+    assert core.request_id == "r" and [(m.offset, m.embeds.shape[0]) for m in core.media] == [(1, 2)]
 
 
 def test_content_hashes_share_equal_embeddings_only(facts):
     a, b = embeds(0, 3), embeds(1, 3)
     hashes = [
-        translate(image_request(t), facts, None, request_id="r").request.media[0].content_hash
+        translate(image_request(facts.tokenizer, t), facts, None, request_id="r")
+        .request.media[0]
+        .content_hash
         for t in (a, a.clone(), b, a.to(torch.bfloat16))
     ]
     assert hashes[0] == hashes[1] == inline_content_hash(tensor_codec.encode(a))
@@ -261,7 +237,7 @@ def test_content_hashes_share_equal_embeddings_only(facts):
     cache = LRUEmbeddingCache()
     cache.put_many([("kimi-vl:emb:v1:fp:abc", b)])
     request = pb.GenerateRequest(
-        messages=user(media(0)),
+        tokens=pb.PromptTokens(ids=[facts.placeholder_id] * 3),
         media=[
             pb.MediaEmbeddings(
                 segments=[pb.EmbeddingSegment(num_tokens=3, cache_key="kimi-vl:emb:v1:fp:abc")]
@@ -273,16 +249,16 @@ def test_content_hashes_share_equal_embeddings_only(facts):
     assert torch.equal(prompt.request.media[0].embeds, b)
 
 
-def bad_requests(tokens_pad: int) -> list[tuple[pb.GenerateRequest, str]]:
+def bad_requests(facts: ModelFacts) -> list[tuple[pb.GenerateRequest, str]]:
     """Malformed requests and a fragment of the reason each must be refused with."""
-    good = image_request(embeds(0, 3))
-    wrong_width = image_request(embeds(0, 3)[:, :32])
-    wrong_rows = pb.GenerateRequest()
-    wrong_rows.CopyFrom(good)
-    wrong_rows.media[0].segments[0].num_tokens = 4
-    int_embeds = image_request(torch.zeros(3, HIDDEN, dtype=torch.int32))
+    tokens_pad, tok = facts.placeholder_id, facts.tokenizer
+    good = image_request(tok, embeds(0, 3))
+    wrong_width = image_request(tok, embeds(0, 3)[:, :32])
+    wrong_rows = pb.GenerateRequest(tokens=pb.PromptTokens(ids=[tokens_pad] * 4), media=good.media)
+    wrong_rows.media[0].segments[0].num_tokens = 4  # the run and the count agree; the tensor has 3 rows
+    int_embeds = image_request(tok, torch.zeros(3, HIDDEN, dtype=torch.int32))
     missing_key = pb.GenerateRequest(
-        messages=user(media(0)),
+        tokens=pb.PromptTokens(ids=[tokens_pad] * 3),
         media=[
             pb.MediaEmbeddings(
                 segments=[pb.EmbeddingSegment(num_tokens=3, cache_key="kimi-vl:emb:v1:x:nope")]
@@ -294,32 +270,28 @@ def bad_requests(tokens_pad: int) -> list[tuple[pb.GenerateRequest, str]]:
         media=good.media,
         sampling=greedy(),
     )
-    no_role = pb.GenerateRequest(messages=pb.PromptMessages(messages=[pb.PromptMessage(parts=[text("hi")])]))
     return [
         (wrong_width, "embeddings have shape [3, 32], expected [num_tokens=3, hidden=64]"),
         (wrong_rows, "embeddings have shape [3, 64], expected [num_tokens=4"),
         (int_embeds, "must be float32, float16 or bfloat16"),
-        (image_request(embeds(0, 3), temperature=-1.0), "temperature must be in [0, 100]"),
-        (image_request(embeds(0, 3), timeout_s=0.0), "timeout_s must be > 0"),
+        (image_request(tok, embeds(0, 3), temperature=-1.0), "temperature must be in [0, 100]"),
+        (image_request(tok, embeds(0, 3), timeout_s=0.0), "timeout_s must be > 0"),
         (missing_key, "kimi-vl:emb:v1:x:nope is not in the embedding cache"),
         (mismatch, "placeholder run 0 (at token 1) has 2 tokens but media 0 segment 0 has num_tokens 3"),
         (pb.GenerateRequest(tokens=pb.PromptTokens(ids=[1, 2])), ""),  # fine: no media, no runs
         (pb.GenerateRequest(), "no prompt"),
-        (no_role, "message 0 has no role"),
-        (pb.GenerateRequest(messages=user(media(0))), "media_index < 0"),
-        (pb.GenerateRequest(messages=user(text("hi")), media=good.media), r"media [0] are not referenced"),
     ]
 
 
 def test_translate_refuses_malformed_requests(facts, unreachable_redis_url):
-    for request, message in bad_requests(facts.placeholder_id):
+    for request, message in bad_requests(facts):
         if not message:
             translate(request, facts, LRUEmbeddingCache(), request_id="r")
             continue
         with pytest.raises(InvalidInputError) as info:
             translate(request, facts, LRUEmbeddingCache(), request_id="r")
         assert message in str(info.value)
-    keyed = bad_requests(facts.placeholder_id)[5][0]
+    keyed = bad_requests(facts)[5][0]
     with pytest.raises(InvalidInputError, match="no embedding cache"):
         translate(keyed, facts, None, request_id="r")
     down = RedisEmbeddingCache(unreachable_redis_url, socket_timeout_s=0.2)
@@ -342,9 +314,9 @@ def test_responses_carry_choices_logprobs_and_usage_last():
         True, 10, 4, 6,
     )  # fmt: skip
     first, last = responses(done, prompt)
-    assert first.finish_reason == pb.FINISH_REASON_STOP and first.reasoning == "th"
-    assert not first.HasField("usage") and last.finish_reason == pb.FINISH_REASON_LENGTH
-    assert last.usage == pb.Usage(
+    assert first.finish_reason == chat_pb2.FINISH_REASON_STOP and first.reasoning == "th"
+    assert not first.HasField("usage") and last.finish_reason == chat_pb2.FINISH_REASON_LENGTH
+    assert last.usage == chat_pb2.Usage(
         prompt_tokens=10, completion_tokens=6, media_tokens=6, media_tokens_cached=2, cached_tokens=4
     )
     (only,) = responses(RequestOutput("r", (), True, 10, 0, 0), prompt)
@@ -367,7 +339,7 @@ def test_shim_streams_refuses_and_times_out_without_ray(checkpoint, tokenizer, r
             context = FakeContext()
             got = [m async for m in server.Generate(request, context)]
             assert context.code is None
-            bad, context = image_request(embeds(0, 3)[:, :32]), FakeContext()
+            bad, context = image_request(tokenizer, embeds(0, 3)[:, :32]), FakeContext()
             with pytest.raises(InvalidInputError):
                 [m async for m in server.Generate(bad, context)]
             assert context.code == grpc.StatusCode.INVALID_ARGUMENT and "hidden=64" in context.details
@@ -387,7 +359,10 @@ def test_shim_streams_refuses_and_times_out_without_ray(checkpoint, tokenizer, r
     messages, stats = asyncio.run(scenario())
     assert [t for m in messages for t in m.token_ids] == reference(question)
     assert all(len(m.logprobs) == len(m.token_ids) for m in messages)
-    assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH and messages[-1].usage.completion_tokens == 8
+    assert (
+        messages[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
+        and messages[-1].usage.completion_tokens == 8
+    )
     assert stats["generation_tokens_total"] == 8 and stats["num_free_blocks"] == stats["num_blocks"]
     assert stats["time_to_first_token_seconds_count"] == 1 and stats["replica"] is None
 
@@ -515,11 +490,9 @@ def test_proxy_and_handle_streams_match_the_offline_engine(decoder_app, stub, to
     by_tokens = pb.GenerateRequest(request_id="t1", tokens=pb.PromptTokens(ids=ids), sampling=greedy())
     got = list(stub.Generate(by_tokens, metadata=METADATA, timeout=60))
     assert stream_ids(got) == want and {m.request_id for m in got} == {"t1"}
-    assert got[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert got[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
     assert (got[-1].usage.prompt_tokens, got[-1].usage.completion_tokens) == (len(ids), 8)
-    by_messages = pb.GenerateRequest(messages=user(text("hello there")), sampling=greedy())
-    assert stream_ids(stub.Generate(by_messages, metadata=METADATA, timeout=60)) == want
-    via_handle = list(handle.options(stream=True).generate.remote(by_messages))
+    via_handle = list(handle.options(stream=True).generate.remote(by_tokens))
     assert stream_ids(via_handle) == want and via_handle[-1].usage.cached_tokens > 0  # prefix cache
 
 
@@ -530,7 +503,7 @@ def test_inline_and_cached_embeddings_match_the_offline_engine(
     image = embeds(5, 20)
     ids, spans = chat_ids(tokenizer, [{"type": "image"}, {"type": "text", "text": "what is it?"}], [20])
     want = reference(ids, [MediaSpan(spans[0][0], image)])
-    inline_request = image_request(image, "what is it?")
+    inline_request = image_request(tokenizer, image, "what is it?")
     got = list(stub.Generate(inline_request, metadata=METADATA, timeout=60))
     assert stream_ids(got) == want
     assert (got[-1].usage.media_tokens, got[-1].usage.media_tokens_cached) == (20, 0)
@@ -589,7 +562,7 @@ def test_malformed_requests_are_invalid_argument_while_a_stream_runs(decoder_app
         timeout=60,
     )
     first = next(stream)
-    for request, message in bad_requests(facts.placeholder_id):
+    for request, message in bad_requests(facts):
         if not message:
             continue
         with pytest.raises(grpc.RpcError) as info:

@@ -18,7 +18,7 @@ from services.common.checkpoint import write_checkpoint
 from services.common.config import load_processor_config
 from services.preprocess.core import PreprocessEngine
 from services.preprocess.media import MediaInput
-from services.preprocess.video import VideoSampling
+from services.preprocess.settings import VideoSampling
 from services.vision_encoder.model import load_vision_encoder
 
 pytest_plugins = ["redis_fixtures"]

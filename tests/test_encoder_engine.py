@@ -17,7 +17,7 @@ from services.common.config import load_processor_config
 from services.common.errors import InvalidInputError
 from services.preprocess.core import PreprocessEngine
 from services.preprocess.media import MediaInput
-from services.preprocess.video import VideoSampling
+from services.preprocess.settings import VideoSampling
 from services.vision_encoder.cache import CacheStats, LRUEmbeddingCache, cache_key
 from services.vision_encoder.engine import (
     EncoderEngine,

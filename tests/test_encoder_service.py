@@ -102,15 +102,13 @@ def test_contracts_encode_generate_chat():
     assert (data.number, data.type) == (1, data.TYPE_BYTES)  # the fast reader relies on it
     segment = generate_pb2.EmbeddingSegment(num_tokens=4, cache_key="k", timestamp="00:00:01.0")
     request = generate_pb2.GenerateRequest(
-        messages=generate_pb2.PromptMessages(
-            messages=[generate_pb2.PromptMessage(role=generate_pb2.ROLE_USER, parts=[{"media_index": 0}])]
-        ),
+        tokens=generate_pb2.PromptTokens(ids=[1, 21, 21, 21, 21]),
         media=[generate_pb2.MediaEmbeddings(segments=[segment])],
-        sampling=generate_pb2.SamplingParams(temperature=0.2),
+        sampling=chat_pb2.SamplingParams(temperature=0.2),
     )
     assert generate_pb2.GenerateRequest.FromString(request.SerializeToString()) == request
     part = chat_pb2.ContentPart(video=preprocess_pb2.MediaItem(url="https://example.com/v.mp4"))
-    chat = chat_pb2.ChatRequest(messages=[chat_pb2.ChatMessage(role=generate_pb2.ROLE_USER, content=[part])])
+    chat = chat_pb2.ChatRequest(messages=[chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, content=[part])])
     assert chat_pb2.ChatRequest.FromString(chat.SerializeToString()) == chat
 
 

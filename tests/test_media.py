@@ -19,10 +19,11 @@ from PIL import Image, ImageOps
 
 from services.common.config import parse_processor_config
 from services.common.errors import InvalidInputError
-from services.preprocess.core import PreprocessEngine, PreprocessLimits
+from services.preprocess.core import PreprocessEngine
 from services.preprocess.fetch import UrlPolicy, address_allowed, fetch_url
 from services.preprocess.media import MediaInput, MediaKind, decode_image, sniff
 from services.preprocess.processor import ImageProcessor, num_image_tokens
+from services.preprocess.settings import PreprocessLimits
 
 CFG = parse_processor_config({"patch_size": 14})
 PROCESSOR = ImageProcessor(CFG)

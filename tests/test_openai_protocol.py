@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from services.common.chat_template import encode_chat
+from services.common.chat_template import encode_chat, expand_media
 from services.common.errors import (
     CapacityError,
     DeadlineExceededError,
@@ -30,14 +30,7 @@ from services.common.tiny_tokenizer import write_tiny_tokenizer
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine.outputs import CompletionDelta, RequestOutput, TokenLogprobs
 from services.decoder.engine.params import SamplingParams
-from services.frontend.openai_convert import (
-    MediaRef,
-    VideoOptions,
-    chat_messages,
-    expand_media,
-    sampling_params,
-    video_options,
-)
+from services.frontend.openai_convert import MediaRef, chat_messages, sampling_params, video_options
 from services.frontend.openai_protocol import (
     ChatRequest,
     ModelNotFoundError,
@@ -58,6 +51,7 @@ from services.frontend.openai_responses import (
     open_sse_stream,
     sse_event,
 )
+from services.preprocess.settings import VideoOptions
 
 try:
     import openai

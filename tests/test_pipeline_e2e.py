@@ -22,7 +22,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from protos.kimi_vl.v1 import chat_pb2, chat_pb2_grpc, generate_pb2
+from protos.kimi_vl.v1 import chat_pb2, chat_pb2_grpc
 from services.common.checkpoint import write_checkpoint
 from services.decoder.engine.llm_engine import EngineConfig
 from services.decoder.engine.params import SamplingParams
@@ -283,7 +283,7 @@ def test_grpc_chat_matches_http_and_maps_errors(client, app):
         stub = chat_pb2_grpc.ChatStub(channel)
         messages = list(stub.Chat(grpc_request(image, "What is this?", max_new_tokens=8), metadata=metadata))
         assert [t for m in messages for t in m.token_ids] == http
-        assert messages[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+        assert messages[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
         assert messages[-1].usage.completion_tokens == 8
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Chat(grpc_request(b"not an image", "?"), metadata=metadata))

@@ -16,13 +16,18 @@ from PIL import Image
 
 from protos.kimi_vl.v1 import chat_pb2, generate_pb2, preprocess_pb2
 from services.common.config import ProcessorConfig, load_processor_config
-from services.common.errors import InvalidInputError, NotCachedError, status_for
+from services.common.errors import (
+    InvalidInputError,
+    InvalidMediaError,
+    NotCachedError,
+    UnauthenticatedError,
+    status_for,
+)
 from services.decoder.engine.params import SamplingParams
-from services.frontend.openai_protocol import ProtocolError
 from services.frontend.openai_responses import error_body
-from services.pipeline.access import AccessPolicy, UnauthorizedError, is_loopback, peer_host
+from services.pipeline.access import AccessPolicy, is_loopback, peer_host
 from services.pipeline.chat import ChatJob, ChatPipeline
-from services.pipeline.grpc_chat import chat_response, job_from_proto
+from services.pipeline.grpc_chat import job_from_proto
 from services.pipeline.local import app_args
 from services.pipeline.manifest import (
     LRUManifestStore,
@@ -33,9 +38,9 @@ from services.pipeline.manifest import (
 )
 from services.pipeline.media import MediaResolver, MediaSource
 from services.pipeline.metrics_proxy import merge_exposition
-from services.preprocess.core import PreprocessEngine, PreprocessLimits, source_hash
+from services.preprocess.core import PreprocessEngine
 from services.preprocess.media import MediaInput, MediaKind
-from services.preprocess.video import VideoSampling
+from services.preprocess.settings import PreprocessLimits, VideoSampling, source_hash
 
 pytest_plugins = ["redis_fixtures"]
 PARAM = "messages[0].content[1].image_url.url"
@@ -92,7 +97,7 @@ def test_redis_manifest_store_round_trip(redis_url):
     store = RedisManifestStore(redis_url)
     store.put("unit:k", manifest())
     assert store.get_many(["unit:k", "unit:none"]) == [manifest(), None]
-    store._client.set("unit:bad", b"not json")
+    store._client.redis.set("unit:bad", b"not json")  # a raw write past the store
     assert store.get_many(["unit:bad"]) == [None] and store.errors == 1
     store.close()
 
@@ -158,9 +163,13 @@ def test_resolver_answers_a_resent_item_from_its_manifest(cfg):
     ],
 )  # fmt: skip
 def test_resolver_names_the_bad_item(source, needle, cfg):
-    with pytest.raises(ProtocolError, match=needle) as info:
+    with pytest.raises(InvalidMediaError, match=needle) as info:
         asyncio.run(resolver(Prepared(), cfg).resolve([source], VideoSampling()))
     assert info.value.param == source.param
+    status, body = error_body(info.value)  # the OpenAI front's mapping of the pipeline's error
+    assert (
+        status == 400 and body["error"]["param"] == source.param and body["error"]["code"] == "invalid_media"
+    )
 
 
 def test_resolver_leaves_urls_to_the_preprocess_stage(cfg):
@@ -182,7 +191,7 @@ def test_pipeline_prepares_the_media_again_when_the_decoder_lost_the_embeddings(
         attempts.append([s.cache_key for m in request.media for s in m.segments])
         if len(attempts) == 1:
             raise NotCachedError("cache_key emb:1 is not in the embedding cache")
-        yield generate_pb2.GenerateResponse(request_id=request.request_id, token_ids=[5])
+        yield chat_pb2.ChatResponse(request_id=request.request_id, token_ids=[5])
 
     pipeline = ChatPipeline(tiny_tokenizer, resolver(prepare, cfg, store), generate)
     content = [{"type": "image", "media_index": 0}, {"type": "text", "text": "?"}]
@@ -224,7 +233,7 @@ def cfg(tiny_root) -> ProcessorConfig:
 
 
 def chat(*messages: chat_pb2.ChatMessage, **sampling: object) -> chat_pb2.ChatRequest:
-    return chat_pb2.ChatRequest(messages=messages, sampling=generate_pb2.SamplingParams(**sampling))
+    return chat_pb2.ChatRequest(messages=messages, sampling=chat_pb2.SamplingParams(**sampling))
 
 
 def message(role: int, *parts: chat_pb2.ContentPart) -> chat_pb2.ChatMessage:
@@ -233,7 +242,7 @@ def message(role: int, *parts: chat_pb2.ContentPart) -> chat_pb2.ChatMessage:
 
 IMAGE = chat_pb2.ContentPart(image=preprocess_pb2.MediaItem(data=b"\x89PNG..."))
 TEXT = chat_pb2.ContentPart(text="hello")
-USER, ASSISTANT = generate_pb2.ROLE_USER, generate_pb2.ROLE_ASSISTANT
+USER, ASSISTANT = chat_pb2.ROLE_USER, chat_pb2.ROLE_ASSISTANT
 
 
 @pytest.mark.parametrize(
@@ -256,23 +265,13 @@ def test_grpc_requests_are_checked_as_http_ones_are(request_, needle):
         job_from_proto(request_, request_id="r", defaults={}, max_images=2, max_videos=1)
 
 
-def test_grpc_request_becomes_a_job_and_responses_map_back():
+def test_grpc_request_becomes_a_job():
     request = chat(message(USER, IMAGE, TEXT), max_new_tokens=7)
     job = job_from_proto(request, request_id="r", defaults={"top_p": 0.5}, max_images=2, max_videos=1)
     assert job.messages == [{"role": "user", "content": [{"type": "image", "media_index": 0},
                                                           {"type": "text", "text": "hello"}]}]  # fmt: skip
     assert job.params.max_new_tokens == 7 and job.params.top_p == 0.5
     assert job.media[0].data == b"\x89PNG..." and job.media[0].param == "messages[0].content[0].image"
-    msg = generate_pb2.GenerateResponse(request_id="r", token_ids=[1, 2], text="hi", index=1, reasoning="hm")
-    msg.usage.cached_tokens = 3
-    out = chat_response(msg)
-    assert (list(out.token_ids), out.text, out.index, out.reasoning, out.usage.cached_tokens) == (
-        [1, 2],
-        "hi",
-        1,
-        "hm",
-        3,
-    )
 
 
 # --- access ------------------------------------------------------------------------------------
@@ -282,13 +281,15 @@ def test_access_rules():
     keyed = AccessPolicy("s3cret")
     keyed.check("Bearer s3cret", "10.1.2.3")
     for header in (None, "Bearer wrong", "s3cret", "Basic s3cret"):
-        with pytest.raises(UnauthorizedError) as info:
+        with pytest.raises(UnauthenticatedError) as info:
             keyed.check(header, "127.0.0.1")
-        assert error_body(info.value)[0] == 401 and status_for(info.value) == (401, "UNAUTHENTICATED")
+        status, body = error_body(info.value)
+        assert status == 401 and status_for(info.value) == (401, "UNAUTHENTICATED")
+        assert body["error"]["code"] == "invalid_api_key"
     open_local = AccessPolicy(None)
     open_local.check(None, "127.0.0.1")
     open_local.check(None, "::1")
-    with pytest.raises(UnauthorizedError, match="loopback"):
+    with pytest.raises(UnauthenticatedError, match="loopback"):
         open_local.check(None, "10.1.2.3")
     AccessPolicy(None, allow_unauthenticated_remote=True).check(None, "10.1.2.3")
     assert peer_host("ipv4:127.0.0.1:5000") == "127.0.0.1" and peer_host("ipv6:[::1]:5000") == "::1"

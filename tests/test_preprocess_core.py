@@ -16,17 +16,11 @@ from services.cli import main
 from services.common.checkpoint import write_checkpoint
 from services.common.config import parse_processor_config
 from services.common.errors import InvalidInputError
-from services.preprocess.core import (
-    PreprocessEngine,
-    PreprocessLimits,
-    concat_items,
-    frame_hash,
-    image_params,
-)
+from services.preprocess.core import PreprocessEngine, concat_items
 from services.preprocess.fetch import UrlPolicy
 from services.preprocess.media import MediaInput
 from services.preprocess.processor import ImageProcessor
-from services.preprocess.video import VideoSampling
+from services.preprocess.settings import PreprocessLimits, VideoSampling, frame_hash, image_params
 
 CFG = parse_processor_config({"patch_size": 14})
 ENGINE = PreprocessEngine(CFG)

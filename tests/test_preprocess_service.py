@@ -27,11 +27,10 @@ from services.preprocess.media import MediaInput
 from services.preprocess.server import (
     GRPC_SERVICER_FUNCTION,
     PreprocessServer,
-    PreprocessSettings,
     build_app,
     sampling_from_proto,
 )
-from services.preprocess.video import VideoSampling
+from services.preprocess.settings import PreprocessSettings, VideoSampling
 
 pytest_plugins = ["services_fixtures"]
 

@@ -13,21 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
+from services.common.chat_template import video_content_parts
 from services.common.config import parse_processor_config
 from services.common.errors import InvalidInputError
 from services.preprocess import processor as processor_module
 from services.preprocess import video as video_module
-from services.preprocess.core import PreprocessEngine, PreprocessLimits
+from services.preprocess.core import PreprocessEngine
 from services.preprocess.media import MediaInput, MediaKind
 from services.preprocess.processor import ImageProcessor, num_image_tokens
-from services.preprocess.video import (
-    DEFAULT_FRAME_TOKEN_LIMIT,
-    VideoSampling,
-    format_timestamp,
-    process_video,
-    sample_indices,
-    video_content_parts,
-)
+from services.preprocess.settings import DEFAULT_FRAME_TOKEN_LIMIT, PreprocessLimits, VideoSampling
+from services.preprocess.video import format_timestamp, process_video, sample_indices
 
 CFG = parse_processor_config({"patch_size": 14})
 PROCESSOR = ImageProcessor(CFG)

@@ -37,7 +37,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.common.config import TextConfig, load_stop_token_ids
-from services.common.errors import CheckpointError, InvalidInputError
+from services.common.errors import CheckpointError, InternalError, InvalidInputError
 from services.common.tokenizer import KimiTokenizer
 
 SHIPPED_TEMPLATE_PATH = Path(__file__).with_name("kimi_vl_chat_template.jinja")
@@ -372,3 +372,44 @@ def end_of_turn_ids(
     if tokenizer.has_special_token(IM_END):
         stops.add(tokenizer.special_token_id(IM_END))
     return tuple(sorted(stops))
+
+
+# ---------------------------------------------------------------------------------------------
+# Media in messages: where each item's image blocks go
+# ---------------------------------------------------------------------------------------------
+
+
+def video_content_parts(timestamps: Sequence[str]) -> list[dict[str, Any]]:
+    """Chat content parts of a video: per frame, its timestamp as text, then one image block."""
+    parts: list[dict[str, Any]] = []
+    for stamp in timestamps:
+        parts.append({"type": "text", "text": stamp})
+        parts.append({"type": "image"})
+    return parts
+
+
+def expand_media(
+    messages: Sequence[Message], media_parts: Sequence[Sequence[Mapping[str, Any]]]
+) -> list[Message]:
+    """`messages` with media part k replaced by the parts `media_parts[k]` (an image: one image
+    part; a video: per frame its timestamp text and an image part, as the preprocessor gives)."""
+    out: list[Message] = []
+    used = 0
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            out.append(dict(message))
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in content:
+            if "media_index" not in part:
+                parts.append(dict(part))
+                continue
+            if part["media_index"] >= len(media_parts):
+                raise InternalError(f"no parts for media {part['media_index']} of {len(media_parts)}")
+            parts.extend(dict(p) for p in media_parts[part["media_index"]])
+            used += 1
+        out.append({**message, "content": parts})
+    if used != len(media_parts):
+        raise InternalError(f"{len(media_parts)} media parts for {used} media in the messages")
+    return out

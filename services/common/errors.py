@@ -13,7 +13,19 @@ class KimiVLError(Exception):
 
 
 class InvalidInputError(KimiVLError, ValueError):
-    """The caller sent something we cannot serve: bad media, over-long prompt, malformed request."""
+    """The caller sent something we cannot serve: bad media, over-long prompt, malformed request.
+
+    `param`, when set, says where in the request the problem is (`messages[1].content[0].image`);
+    HTTP reports it as OpenAI's `param`, gRPC puts it in front of the details.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class InvalidMediaError(InvalidInputError):
+    """A media item that cannot be served: undecodable, of an unsupported kind, empty or too large."""
 
 
 class NotCachedError(InvalidInputError):

@@ -1,18 +1,17 @@
 """A validated OpenAI request -> the core's types: SamplingParams, chat messages, media references.
 
 `chat_messages` keeps text parts and replaces every image or video part by a reference into an
-ordered media list (`MediaRef`), which the pipeline fetches and decodes; `expand_media` puts the
-decoded items' parts (a video: per frame its timestamp text and an image part) back in place.
-Knows nothing about HTTP, fetching or decoding media; imports no torch.
+ordered media list (`MediaRef`), which the pipeline fetches and decodes (and whose parts
+`common.chat_template.expand_media` puts back in place). Knows nothing about HTTP, fetching or
+decoding media; imports no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from services.common.errors import InternalError
 from services.decoder.engine.params import SamplingParams
 from services.frontend.openai_protocol import (
     DEFAULT_MAX_IMAGES,
@@ -25,6 +24,7 @@ from services.frontend.openai_protocol import (
     media_url,
     protocol_error,
 )
+from services.preprocess.settings import VideoOptions
 
 
 def sampling_params(
@@ -47,15 +47,6 @@ class MediaRef:
     param: str
 
 
-@dataclass(frozen=True)
-class VideoOptions:
-    """Per-request video sampling; the names of protos' kimi_vl.v1.VideoOptions (None: default)."""
-
-    fps: float | None = None
-    max_frames: int | None = None
-    frame_token_limit: int | None = None
-
-
 def chat_messages(
     request: ChatRequest, *, max_images: int = DEFAULT_MAX_IMAGES, max_videos: int = DEFAULT_MAX_VIDEOS
 ) -> tuple[list[Message], list[MediaRef]]:
@@ -63,7 +54,8 @@ def chat_messages(
 
     Text parts stay text parts; an image becomes `{"type": "image", "media_index": k}` (which
     `encode_chat` takes as is) and a video `{"type": "video", "media_index": k}` (which
-    `expand_media` replaces by its frames' parts once they are known); k indexes the media list.
+    `chat_template.expand_media` replaces by its frames' parts once they are known); k indexes the
+    media list.
     """
     limits = {"image": max_images, "video": max_videos}
     counts = {"image": 0, "video": 0}
@@ -89,33 +81,6 @@ def chat_messages(
             media.append(MediaRef(kind, media_url(part), len(media), param))
         messages.append({"role": message.role, "content": parts})
     return messages, media
-
-
-def expand_media(
-    messages: Sequence[Message], media_parts: Sequence[Sequence[Mapping[str, Any]]]
-) -> list[Message]:
-    """`messages` with media part k replaced by the parts `media_parts[k]` (an image: one image
-    part; a video: per frame its timestamp text and an image part, as the preprocessor gives)."""
-    out: list[Message] = []
-    used = 0
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, str):
-            out.append(dict(message))
-            continue
-        parts: list[dict[str, Any]] = []
-        for part in content:
-            if "media_index" not in part:
-                parts.append(dict(part))
-                continue
-            if part["media_index"] >= len(media_parts):
-                raise InternalError(f"no parts for media {part['media_index']} of {len(media_parts)}")
-            parts.extend(dict(p) for p in media_parts[part["media_index"]])
-            used += 1
-        out.append({**message, "content": parts})
-    if used != len(media_parts):
-        raise InternalError(f"{len(media_parts)} media parts for {used} media in the messages")
-    return out
 
 
 def video_options(request: ChatRequest) -> VideoOptions | None:

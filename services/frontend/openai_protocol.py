@@ -55,8 +55,7 @@ class ProtocolError(InvalidInputError):
     http_status: ClassVar[int] = 400
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param=param)
         self.code = code
 
 

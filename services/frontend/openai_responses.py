@@ -41,7 +41,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from services.common.errors import (
     CapacityError,
     InternalError,
+    InvalidInputError,
+    InvalidMediaError,
     KimiVLError,
+    UnauthenticatedError,
     UpstreamUnavailableError,
     status_for,
 )
@@ -400,13 +403,19 @@ _SERVER_MESSAGES = {
     504: "The request did not finish before its deadline.",
 }
 _STATUS_CODES = {429: "server_overloaded", 503: "service_unavailable", 504: "timeout"}
+# the project's errors that OpenAI gives a code of their own (a ProtocolError carries its code)
+_ERROR_CODES: dict[type[Exception], str] = {
+    InvalidMediaError: "invalid_media",
+    UnauthenticatedError: "invalid_api_key",
+}
 
 
 def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
     """HTTP status and OpenAI's error object for any exception (unknown ones are a generic 500)."""
     status = error.http_status if isinstance(error, ProtocolError) else status_for(error)[0]
-    param = error.param if isinstance(error, ProtocolError) else None
+    param = error.param if isinstance(error, InvalidInputError) else None
     code = error.code if isinstance(error, ProtocolError) else None
+    code = code or next((c for cls, c in _ERROR_CODES.items() if isinstance(error, cls)), None)
     message = _SERVER_MESSAGES.get(status, _SERVER_MESSAGES[500]) if status >= 500 else str(error)
     kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
     body = {"message": message, "type": kind, "param": param, "code": code or _STATUS_CODES.get(status)}

@@ -13,13 +13,6 @@ import hmac
 import ipaddress
 
 from services.common.errors import UnauthenticatedError
-from services.frontend.openai_protocol import ProtocolError
-
-
-class UnauthorizedError(UnauthenticatedError, ProtocolError):
-    """401 in OpenAI's shape over HTTP, UNAUTHENTICATED over gRPC."""
-
-    http_status = 401
 
 
 class AccessPolicy:
@@ -28,19 +21,15 @@ class AccessPolicy:
         self.allow_unauthenticated_remote = allow_unauthenticated_remote
 
     def check(self, authorization: str | None, client_host: str | None) -> None:
-        """Raise UnauthorizedError unless this caller may be served."""
+        """Raise UnauthenticatedError (401, gRPC UNAUTHENTICATED) unless this caller may be served."""
         if self.api_key is not None:
             scheme, _, token = (authorization or "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 token.strip().encode(), self.api_key.encode()
             ):
-                raise UnauthorizedError(
-                    "a valid API key is required (Authorization: Bearer <key>)", code="invalid_api_key"
-                )
+                raise UnauthenticatedError("a valid API key is required (Authorization: Bearer <key>)")
         elif not self.allow_unauthenticated_remote and not is_loopback(client_host):
-            raise UnauthorizedError(
-                "this server has no API key and serves loopback clients only", code="invalid_api_key"
-            )
+            raise UnauthenticatedError("this server has no API key and serves loopback clients only")
 
 
 def is_loopback(host: str | None) -> bool:

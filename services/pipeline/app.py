@@ -27,7 +27,7 @@ from services.pipeline.ingress import DEPLOYMENT_NAME as INGRESS_NAME
 from services.pipeline.ingress import ChatIngress, FrontendSettings, IngressSettings
 from services.pipeline.stages import PipelinePreprocessServer
 from services.preprocess import server as preprocess_server
-from services.preprocess.server import PreprocessSettings
+from services.preprocess.settings import PreprocessSettings
 from services.vision_encoder import server as encoder_server
 from services.vision_encoder.server import EncoderSettings
 

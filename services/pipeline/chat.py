@@ -20,19 +20,20 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from protos.kimi_vl.v1 import chat_pb2
 from protos.kimi_vl.v1 import generate_pb2 as pb
-from services.common.chat_template import encode_chat
+from services.common.chat_template import encode_chat, expand_media
 from services.common.errors import InternalError, NotCachedError
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine.params import SamplingParams
 from services.decoder.service.messages import sampling_to_proto
-from services.frontend.openai_convert import VideoOptions, expand_media
 from services.pipeline.manifest import MediaManifest
 from services.pipeline.media import MediaResolver, MediaSource, MediaStats
+from services.preprocess.settings import VideoOptions
 
 logger = logging.getLogger(__name__)
 
-Generate = Callable[[pb.GenerateRequest], AsyncIterator[pb.GenerateResponse]]
+Generate = Callable[[pb.GenerateRequest], AsyncIterator[chat_pb2.ChatResponse]]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Started:
     """A request the decoder has begun answering."""
 
     prompt_ids: list[int]
-    responses: AsyncIterator[pb.GenerateResponse]  # the first one included
+    responses: AsyncIterator[chat_pb2.ChatResponse]  # the first one included
     media: MediaStats
 
 
@@ -127,8 +128,8 @@ class ChatPipeline:
 
 
 async def _chain(
-    first: pb.GenerateResponse, rest: AsyncIterator[pb.GenerateResponse]
-) -> AsyncIterator[pb.GenerateResponse]:
+    first: chat_pb2.ChatResponse, rest: AsyncIterator[chat_pb2.ChatResponse]
+) -> AsyncIterator[chat_pb2.ChatResponse]:
     try:
         yield first
         async for msg in rest:

@@ -108,15 +108,15 @@ def chat_turn(client: Any, model: str, messages: list[dict[str, Any]], max_token
 
 def image_question(image: bytes, question: str, **sampling: Any) -> Any:
     """A kimi_vl.v1.ChatRequest: one user turn, the image then the question (SamplingParams fields)."""
-    from protos.kimi_vl.v1 import chat_pb2, generate_pb2, preprocess_pb2
+    from protos.kimi_vl.v1 import chat_pb2, preprocess_pb2
 
     content = [
         chat_pb2.ContentPart(image=preprocess_pb2.MediaItem(data=image)),
         chat_pb2.ContentPart(text=question),
     ]
     return chat_pb2.ChatRequest(
-        messages=[chat_pb2.ChatMessage(role=generate_pb2.ROLE_USER, content=content)],
-        sampling=generate_pb2.SamplingParams(**sampling),
+        messages=[chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, content=content)],
+        sampling=chat_pb2.SamplingParams(**sampling),
     )
 
 

@@ -1,4 +1,5 @@
-"""kimi_vl.v1.Chat on the wire: `ChatRequest` protos -> `ChatJob`s, decoder messages -> `ChatResponse`s.
+"""kimi_vl.v1.Chat on the wire: `ChatRequest` protos -> `ChatJob`s (the decoder streams `ChatResponse`s
+already, which the ingress relays as they come).
 
 Checks what the OpenAI front end checks (roles, empty messages, media only in user turns, media
 counts, sampling ranges through `SamplingParams`); every refusal is an InvalidInputError naming the
@@ -13,16 +14,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from protos.kimi_vl.v1 import chat_pb2
-from protos.kimi_vl.v1 import generate_pb2 as gen_pb
 from protos.kimi_vl.v1 import preprocess_pb2 as pre_pb
 from services.common.errors import InvalidInputError
 from services.decoder.service.messages import sampling_params
-from services.frontend.openai_convert import VideoOptions
 from services.pipeline.chat import ChatJob
 from services.pipeline.media import MediaSource
 from services.preprocess.media import MediaKind
+from services.preprocess.settings import VideoOptions
 
-_ROLES = {gen_pb.ROLE_SYSTEM: "system", gen_pb.ROLE_USER: "user", gen_pb.ROLE_ASSISTANT: "assistant"}
+_ROLES = {chat_pb2.ROLE_SYSTEM: "system", chat_pb2.ROLE_USER: "user", chat_pb2.ROLE_ASSISTANT: "assistant"}
 _KINDS = {
     "image": (MediaKind.IMAGE, pre_pb.MEDIA_KIND_IMAGE),
     "video": (MediaKind.VIDEO, pre_pb.MEDIA_KIND_VIDEO),
@@ -104,19 +104,3 @@ def _video(options: pre_pb.VideoOptions) -> VideoOptions:
         max_frames=options.max_frames if options.HasField("max_frames") else None,
         frame_token_limit=options.frame_token_limit if options.HasField("frame_token_limit") else None,
     )
-
-
-def chat_response(msg: gen_pb.GenerateResponse) -> chat_pb2.ChatResponse:
-    """The decoder's message as the public API's (the same fields, the same meaning)."""
-    out = chat_pb2.ChatResponse(
-        request_id=msg.request_id,
-        text=msg.text,
-        token_ids=msg.token_ids,
-        finish_reason=msg.finish_reason,
-        reasoning=msg.reasoning,
-        index=msg.index,
-        logprobs=msg.logprobs,
-    )
-    if msg.HasField("usage"):
-        out.usage.CopyFrom(msg.usage)
-    return out

@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from protos.kimi_vl.v1 import chat_pb2
 from protos.kimi_vl.v1 import generate_pb2 as gen_pb
 from services.common.config import load_generation_config, load_processor_config
-from services.common.errors import InvalidInputError, KimiVLError
+from services.common.errors import InvalidInputError, KimiVLError, UnauthenticatedError
 from services.common.grpc_status import set_error_status
 from services.common.metrics import TotalCounters
 from services.common.tokenizer import KimiTokenizer
@@ -63,12 +63,12 @@ from services.frontend.openai_responses import (
 )
 from services.pipeline.access import AccessPolicy, peer_host
 from services.pipeline.chat import ChatJob, ChatPipeline, Started
-from services.pipeline.grpc_chat import chat_response, job_from_proto
+from services.pipeline.grpc_chat import job_from_proto
 from services.pipeline.manifest import make_store
 from services.pipeline.media import MediaResolver, MediaSource
 from services.pipeline.metrics_proxy import cluster_metrics
 from services.preprocess.media import MediaKind
-from services.preprocess.server import PreprocessSettings
+from services.preprocess.settings import PreprocessSettings
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ChatIngressServer:
             self._fingerprint = await _unwrapped(self.encoder.fingerprint.remote())
         return self._fingerprint
 
-    async def _generate(self, request: gen_pb.GenerateRequest) -> AsyncIterator[gen_pb.GenerateResponse]:
+    async def _generate(self, request: gen_pb.GenerateRequest) -> AsyncIterator[chat_pb2.ChatResponse]:
         stream = self.decoder.options(stream=True).generate.remote(request)
         try:
             async for msg in stream:
@@ -192,7 +192,7 @@ class ChatIngressServer:
     async def metrics(self, request: Request) -> Response:
         try:
             self._authorize_http(request)
-        except ProtocolError as e:
+        except UnauthenticatedError as e:
             return self._error_response(e)
         return PlainTextResponse(await cluster_metrics(), media_type="text/plain; version=0.0.4")
 
@@ -311,12 +311,12 @@ class ChatIngressServer:
             started = await self._start(job)
             try:
                 async for msg in started.responses:
-                    yield chat_response(msg)
+                    yield msg
             finally:
                 await started.responses.aclose()  # type: ignore[attr-defined]
         except Exception as e:  # the service edge
             error = _cause(e)
-            if isinstance(error, ProtocolError) and error.param:  # say where, as HTTP's `param` does
+            if isinstance(error, InvalidInputError) and error.param:  # say where, as HTTP's `param` does
                 error = InvalidInputError(f"{error.param}: {error}")
             set_error_status(error, grpc_context, logger, "chat")
             raise error from None
@@ -385,7 +385,7 @@ def _source_from_ref(ref: convert.MediaRef) -> MediaSource:
     return MediaSource(kind, ref.param, url=ref.url)
 
 
-async def _outputs(responses: AsyncIterator[gen_pb.GenerateResponse]) -> AsyncIterator[Any]:
+async def _outputs(responses: AsyncIterator[chat_pb2.ChatResponse]) -> AsyncIterator[Any]:
     try:
         async for msg in responses:
             yield output_from_response(msg)

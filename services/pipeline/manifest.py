@@ -23,19 +23,22 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import redis
-
-from services.preprocess.video import video_content_parts
+from services.common.chat_template import video_content_parts
+from services.common.redis_client import (
+    DEFAULT_RETRY_AFTER_S,
+    DEFAULT_SOCKET_TIMEOUT_S,
+    DEFAULT_TTL_S,
+    RedisClient,
+    RedisClientStats,
+)
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "kimi-vl:media:v1"
-DEFAULT_TTL_S = 7 * 24 * 3600  # as the embeddings' (vision_encoder.redis_cache)
 MAX_MANIFEST_BYTES = 1 << 20  # a 256-frame video's manifest is ~60 KB
 
 
@@ -140,24 +143,43 @@ class LRUManifestStore:
 
 
 class RedisManifestStore:
-    """Manifests in Redis (JSON values with a TTL). After a failure, Redis is left alone for
-    `retry_after_s`, so an unreachable host does not cost every request a timeout."""
+    """Manifests in Redis (JSON values with a TTL), through a `RedisClient`: after a failure Redis
+    is left alone for `retry_after_s`, so an unreachable host does not cost every request a timeout.
+    `errors` counts failed calls and corrupt manifests; `stats` has the rest."""
 
     def __init__(
-        self, url: str, *, ttl_s: int | None = DEFAULT_TTL_S, socket_timeout_s: float = 0.5,
-        retry_after_s: float = 1.0,
-    ) -> None:  # fmt: skip
+        self,
+        url: str,
+        *,
+        ttl_s: int | None = DEFAULT_TTL_S,
+        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+        retry_after_s: float = DEFAULT_RETRY_AFTER_S,
+    ) -> None:
         self.ttl_s = ttl_s
-        self.retry_after_s = retry_after_s
-        self.errors = 0
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s, protocol=2
+        self._client = RedisClient(
+            url,
+            name="media manifest store",
+            socket_timeout_s=socket_timeout_s,
+            retry_after_s=retry_after_s,
+            log=logger,
         )
-        self._down_until = 0.0
-        self._last_log = 0.0
+
+    @property
+    def retry_after_s(self) -> float:
+        return self._client.retry_after_s
+
+    @property
+    def stats(self) -> RedisClientStats:
+        return self._client.stats
+
+    @property
+    def errors(self) -> int:
+        return self._client.stats.errors
 
     def get_many(self, keys: list[str]) -> list[MediaManifest | None]:
-        values = self._call("MGET", self._client.mget, keys) if keys else []
+        if not keys:
+            return []
+        values: list[Any] | None = self._client.call("MGET", lambda: self._client.redis.mget(keys), None)
         if values is None:
             return [None] * len(keys)
         out: list[MediaManifest | None] = []
@@ -165,32 +187,16 @@ class RedisManifestStore:
             try:
                 out.append(None if raw is None else MediaManifest.from_json(raw))
             except (ValueError, TypeError) as e:
-                self._failed(f"corrupt manifest {key}: {e}")
+                self._client.corrupt(f"{key}: {e} (treated as a miss)")
                 out.append(None)
         return out
 
     def put(self, key: str, manifest: MediaManifest) -> None:
-        self._call("SET", self._client.set, key, manifest.to_json(), ex=self.ttl_s)
+        value = manifest.to_json()
+        self._client.call("SET", lambda: self._client.redis.set(key, value, ex=self.ttl_s), None)
 
     def delete(self, key: str) -> None:
-        self._call("UNLINK", self._client.unlink, key)
-
-    def _call(self, op: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if time.monotonic() < self._down_until:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except (redis.RedisError, OSError) as e:
-            self._down_until = time.monotonic() + self.retry_after_s
-            self._failed(f"{op} failed: {type(e).__name__}: {e}")
-            return None
-
-    def _failed(self, reason: str) -> None:
-        self.errors += 1
-        now = time.monotonic()
-        if now - self._last_log > 60.0:
-            self._last_log = now
-            logger.warning("media manifest store: %s (treated as a miss)", reason)
+        self._client.call("UNLINK", lambda: self._client.redis.unlink(key), None)
 
     def close(self) -> None:
         self._client.close()

@@ -1,16 +1,16 @@
 """The pipeline's media stage: a request's images and videos -> manifests of encoded segments.
 
-Two halves, one per side of the hop:
-- `MediaResolver` (the ingress): decodes data URLs and base64 to bytes, sniffs the container from
+The ingress's half of a hop with two sides:
+- `MediaResolver` (here): decodes data URLs and base64 to bytes, sniffs the container from
   the leading bytes, computes each item's `content_hash` from the raw bytes and the preprocessing
-  settings (`services.preprocess.core.source_hash`: no decoding) and looks its manifest up. Only
-  the misses go on, one call per item (so an error names its item), to
-- `prepare_manifest` (a preprocess replica, `stages.PipelinePreprocessServer`): decodes, patches,
+  settings (`services.preprocess.settings.source_hash`: no decoding) and looks its manifest up.
+  Only the misses go on, one call per item (so an error names its item), to
+- `stages.prepare_manifest` (a preprocess replica, `stages.PipelinePreprocessServer`): decodes, patches,
   sends the patches to an encoder replica's own gRPC server with `keys_only` (the embeddings stay
   in the encoder's cache) and returns the manifest. Patches go preprocess -> encoder; embeddings go
   encoder (or the shared cache) -> decoder; neither passes through the ingress.
 
-Knows nothing about Ray or HTTP: the preprocess call is injected.
+Knows nothing about Ray or HTTP: the preprocess call is injected. Imports no torch.
 """
 
 from __future__ import annotations
@@ -19,14 +19,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from services.common.config import ProcessorConfig
-from services.common.errors import InternalError, InvalidInputError
-from services.frontend.openai_convert import VideoOptions
-from services.frontend.openai_protocol import ProtocolError
-from services.pipeline.manifest import ManifestStore, MediaManifest, Segment, manifest_key
-from services.preprocess.core import PreprocessEngine, PreprocessLimits, concat_items, source_hash
+from services.common.errors import InternalError, InvalidInputError, InvalidMediaError
+from services.pipeline.manifest import ManifestStore, MediaManifest, manifest_key
 from services.preprocess.media import (
     MediaInput,
     MediaKind,
@@ -35,8 +30,7 @@ from services.preprocess.media import (
     resolve_kind,
     sniff,
 )
-from services.preprocess.video import VideoSampling
-from services.vision_encoder.transport import EncodeResult
+from services.preprocess.settings import PreprocessLimits, VideoOptions, VideoSampling, source_hash
 
 
 @dataclass(frozen=True)
@@ -144,7 +138,7 @@ class MediaResolver:
             data = self._bytes(source)
             kind = resolve_kind(source.kind, sniff(data))
         except InvalidInputError as e:
-            raise ProtocolError(str(e), param=source.param, code="invalid_media") from e
+            raise InvalidMediaError(str(e), param=source.param) from e
         return MediaInput(kind=source.kind, data=data), kind
 
     def _bytes(self, source: MediaSource) -> bytes:
@@ -177,36 +171,4 @@ class MediaResolver:
             return await self._prepare(item, sampling)
         except InvalidInputError as e:
             message = str(e).removeprefix("item 0: ")
-            raise ProtocolError(message, param=source.param, code="invalid_media") from e
-
-
-# ---------------------------------------------------------------------------------------------
-# The preprocess replica's half
-# ---------------------------------------------------------------------------------------------
-
-
-# (pixel values, grids, content hashes) -> (the keys-only answer, the encoder replica's endpoint)
-Encode = Callable[[torch.Tensor, torch.Tensor, list[str]], tuple[EncodeResult, str]]
-
-
-def prepare_manifest(
-    engine: PreprocessEngine, item: MediaInput, sampling: VideoSampling, encode: Encode
-) -> MediaManifest:
-    """Decode, patch and encode one item (blocking); `encode` calls an encoder replica with keys
-    only and says which one, where the embeddings stay (the decoder's source without Redis)."""
-    (processed,) = engine.process([item], sampling)
-    pixel_values, grid_hws = concat_items([processed])
-    hashes = processed.encoder_hashes()
-    result, endpoint = encode(pixel_values, grid_hws, hashes)
-    if len(result.images) != len(hashes):
-        raise InternalError(f"the encoder answered {len(result.images)} images for {len(hashes)}")
-    stamps = [f.timestamp for f in processed.frames] or [""]
-    segments = []
-    for image, tokens, stamp in zip(result.images, processed.num_tokens_per_image, stamps, strict=True):
-        if not image.cache_key or image.num_tokens != tokens:
-            raise InternalError(
-                f"encoder answered {image.num_tokens} tokens / key {image.cache_key!r} for {tokens}"
-            )
-        segments.append(Segment(image.cache_key, tokens, stamp, endpoint))
-    kind = "video" if processed.kind is MediaKind.VIDEO else "image"
-    return MediaManifest(kind, processed.content_hash, tuple(segments))
+            raise InvalidMediaError(message, param=source.param) from e

@@ -12,20 +12,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from ray.serve.handle import DeploymentHandle
 
-from services.common.errors import UpstreamUnavailableError
-from services.pipeline.manifest import MediaManifest
-from services.pipeline.media import prepare_manifest
-from services.preprocess.core import PreprocessEngine
-from services.preprocess.media import MediaInput
-from services.preprocess.server import PreprocessServer, PreprocessSettings
-from services.preprocess.video import VideoSampling
+from services.common.errors import InternalError, UpstreamUnavailableError
+from services.pipeline.manifest import MediaManifest, Segment
+from services.preprocess.core import PreprocessEngine, concat_items
+from services.preprocess.media import MediaInput, MediaKind
+from services.preprocess.server import PreprocessServer
+from services.preprocess.settings import PreprocessSettings, VideoSampling
 from services.vision_encoder.client import EncoderClients
+from services.vision_encoder.transport import EncodeResult
 
 logger = logging.getLogger(__name__)
+
+# (pixel values, grids, content hashes) -> (the keys-only answer, the encoder replica's endpoint)
+Encode = Callable[[torch.Tensor, torch.Tensor, list[str]], tuple[EncodeResult, str]]
+
+
+def prepare_manifest(
+    engine: PreprocessEngine, item: MediaInput, sampling: VideoSampling, encode: Encode
+) -> MediaManifest:
+    """Decode, patch and encode one item (blocking); `encode` calls an encoder replica with keys
+    only and says which one, where the embeddings stay (the decoder's source without Redis)."""
+    (processed,) = engine.process([item], sampling)
+    pixel_values, grid_hws = concat_items([processed])
+    hashes = processed.encoder_hashes()
+    result, endpoint = encode(pixel_values, grid_hws, hashes)
+    if len(result.images) != len(hashes):
+        raise InternalError(f"the encoder answered {len(result.images)} images for {len(hashes)}")
+    stamps = [f.timestamp for f in processed.frames] or [""]
+    segments = []
+    for image, tokens, stamp in zip(result.images, processed.num_tokens_per_image, stamps, strict=True):
+        if not image.cache_key or image.num_tokens != tokens:
+            raise InternalError(
+                f"encoder answered {image.num_tokens} tokens / key {image.cache_key!r} for {tokens}"
+            )
+        segments.append(Segment(image.cache_key, tokens, stamp, endpoint))
+    kind = "video" if processed.kind is MediaKind.VIDEO else "image"
+    return MediaManifest(kind, processed.content_hash, tuple(segments))
 
 
 class PipelinePreprocessServer(PreprocessServer):

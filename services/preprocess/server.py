@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
@@ -30,12 +29,11 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from protos.kimi_vl.v1 import preprocess_pb2 as pb
 from services.common import tensor_codec
-from services.common.config import ProcessorConfig, load_processor_config
 from services.common.errors import InvalidInputError
 from services.common.grpc_status import set_error_status
-from services.preprocess.core import PreprocessEngine, PreprocessLimits, ProcessedItem
+from services.preprocess.core import PreprocessEngine, ProcessedItem
 from services.preprocess.media import MediaInput, MediaKind
-from services.preprocess.video import VideoSampling
+from services.preprocess.settings import PreprocessSettings, VideoSampling
 
 logger = logging.getLogger(__name__)
 
@@ -51,29 +49,6 @@ _KIND_FROM_PROTO = {
     pb.MEDIA_KIND_VIDEO: MediaKind.VIDEO,
 }
 _KIND_TO_PROTO = {kind: code for code, kind in _KIND_FROM_PROTO.items()}
-
-
-@dataclass(frozen=True)
-class PreprocessSettings:
-    """Everything a replica needs; built once on the driver and shipped to every replica."""
-
-    processor: ProcessorConfig
-    limits: PreprocessLimits = field(default_factory=PreprocessLimits)
-    video: VideoSampling = field(default_factory=VideoSampling)  # defaults of unset request options
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any]) -> PreprocessSettings:
-        """From a Serve config's `args`: `checkpoint_dir` (required), `limits`, `video`."""
-        unknown = sorted(set(args) - {"checkpoint_dir", "limits", "video"})
-        if unknown:
-            raise InvalidInputError(f"unknown preprocess setting(s): {', '.join(unknown)}")
-        if "checkpoint_dir" not in args:
-            raise InvalidInputError("preprocess settings need checkpoint_dir (for preprocessor_config.json)")
-        return cls(
-            processor=load_processor_config(args["checkpoint_dir"]),
-            limits=PreprocessLimits.from_dict(dict(args.get("limits") or {})),
-            video=VideoSampling(**dict(args.get("video") or {})),
-        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ The project's video convention (spec section 6; there is no official video path)
 - each frame is patched by the one image rule (`ImageProcessor`) with `frame_token_limit` in place
   of `in_token_limit`;
 - in the prompt each frame is its timestamp as plain text followed by one image block
-  (`video_content_parts`).
+  (`common.chat_template.video_content_parts`).
 
 `DEFAULT_FRAME_TOKEN_LIMIT` = 1024 patches: like `in_token_limit` it counts 14×14 patches before
 the 2×2 merge, so a frame becomes ≈ 256 placeholder tokens (≤ ~290 with padding at 16:9). 64 frames
@@ -33,7 +33,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -42,31 +41,7 @@ from PIL import Image
 
 from services.common.errors import InvalidInputError
 from services.preprocess.processor import ImageProcessor
-
-DEFAULT_MAX_FRAMES = 64
-DEFAULT_FRAME_TOKEN_LIMIT = 1024
-
-
-@dataclass(frozen=True)
-class VideoSampling:
-    """How frames are chosen and sized; part of a video's content hash.
-
-    fps:               target frames per second, or None for uniform sampling over the whole video.
-    max_frames:        most frames kept.
-    frame_token_limit: per-frame replacement for `in_token_limit` (14×14 patches before merging).
-    """
-
-    fps: float | None = None
-    max_frames: int = DEFAULT_MAX_FRAMES
-    frame_token_limit: int = DEFAULT_FRAME_TOKEN_LIMIT
-
-    def __post_init__(self) -> None:
-        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
-            raise InvalidInputError(f"video fps must be a positive number, got {self.fps}")
-        if self.max_frames < 1:
-            raise InvalidInputError(f"max_frames must be at least 1, got {self.max_frames}")
-        if self.frame_token_limit < 1:
-            raise InvalidInputError(f"frame_token_limit must be at least 1, got {self.frame_token_limit}")
+from services.preprocess.settings import VideoSampling
 
 
 @dataclass(frozen=True)
@@ -129,15 +104,6 @@ def format_timestamp(seconds: float) -> str:
     hours, rest = divmod(tenths, 36000)
     minutes, rest = divmod(rest, 600)
     return f"{hours:02d}:{minutes:02d}:{rest // 10:02d}.{rest % 10}"
-
-
-def video_content_parts(timestamps: Sequence[str]) -> list[dict[str, Any]]:
-    """Chat content parts of a video: per frame, its timestamp as text, then one image block."""
-    parts: list[dict[str, Any]] = []
-    for stamp in timestamps:
-        parts.append({"type": "text", "text": stamp})
-        parts.append({"type": "image"})
-    return parts
 
 
 # ---------------------------------------------------------------------------------------------

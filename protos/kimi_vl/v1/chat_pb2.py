@@ -22,25 +22,36 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from protos.kimi_vl.v1 import generate_pb2 as protos_dot_kimi__vl_dot_v1_dot_generate__pb2
 from protos.kimi_vl.v1 import preprocess_pb2 as protos_dot_kimi__vl_dot_v1_dot_preprocess__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/kimi_vl/v1/chat.proto\x12\nkimi_vl.v1\x1a protos/kimi_vl/v1/generate.proto\x1a\"protos/kimi_vl/v1/preprocess.proto\"u\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.kimi_vl.v1.MediaItemH\x00\x12&\n\x05video\x18\x03 \x01(\x0b\x32\x15.kimi_vl.v1.MediaItemH\x00\x42\x06\n\x04part\"W\n\x0b\x43hatMessage\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.kimi_vl.v1.Role\x12(\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x17.kimi_vl.v1.ContentPart\"\xa3\x01\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.kimi_vl.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kimi_vl.v1.SamplingParams\x12\'\n\x05video\x18\x04 \x01(\x0b\x32\x18.kimi_vl.v1.VideoOptions\"\xe4\x01\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.kimi_vl.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.kimi_vl.v1.Usage\x12\x11\n\treasoning\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\x05\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.kimi_vl.v1.TokenLogprob2C\n\x04\x43hat\x12;\n\x04\x43hat\x12\x17.kimi_vl.v1.ChatRequest\x1a\x18.kimi_vl.v1.ChatResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/kimi_vl/v1/chat.proto\x12\nkimi_vl.v1\x1a\"protos/kimi_vl/v1/preprocess.proto\"u\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.kimi_vl.v1.MediaItemH\x00\x12&\n\x05video\x18\x03 \x01(\x0b\x32\x15.kimi_vl.v1.MediaItemH\x00\x42\x06\n\x04part\"W\n\x0b\x43hatMessage\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.kimi_vl.v1.Role\x12(\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x17.kimi_vl.v1.ContentPart\"\xa3\x01\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.kimi_vl.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kimi_vl.v1.SamplingParams\x12\'\n\x05video\x18\x04 \x01(\x0b\x32\x18.kimi_vl.v1.VideoOptions\"\xce\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x03\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\x1c\n\x0fsplit_reasoning\x18\x0f \x01(\x08H\x0b\x88\x01\x01\x12\x16\n\ttimeout_s\x18\x10 \x01(\x01H\x0c\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x04\n\x02_nB\x12\n\x10_split_reasoningB\x0c\n\n_timeout_s\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0cmedia_tokens\x18\x03 \x01(\x03\x12\x1b\n\x13media_tokens_cached\x18\x04 \x01(\x03\x12\x15\n\rcached_tokens\x18\x05 \x01(\x03\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.kimi_vl.v1.TopLogprob\"\xe4\x01\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.kimi_vl.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.kimi_vl.v1.Usage\x12\x11\n\treasoning\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\x05\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.kimi_vl.v1.TokenLogprob*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x43\n\x04\x43hat\x12;\n\x04\x43hat\x12\x17.kimi_vl.v1.ChatRequest\x1a\x18.kimi_vl.v1.ChatResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.kimi_vl.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONTENTPART']._serialized_start=114
-  _globals['_CONTENTPART']._serialized_end=231
-  _globals['_CHATMESSAGE']._serialized_start=233
-  _globals['_CHATMESSAGE']._serialized_end=320
-  _globals['_CHATREQUEST']._serialized_start=323
-  _globals['_CHATREQUEST']._serialized_end=486
-  _globals['_CHATRESPONSE']._serialized_start=489
-  _globals['_CHATRESPONSE']._serialized_end=717
-  _globals['_CHAT']._serialized_start=719
-  _globals['_CHAT']._serialized_end=786
+  _globals['_ROLE']._serialized_start=1549
+  _globals['_ROLE']._serialized_end=1629
+  _globals['_FINISHREASON']._serialized_start=1631
+  _globals['_FINISHREASON']._serialized_end=1751
+  _globals['_CONTENTPART']._serialized_start=80
+  _globals['_CONTENTPART']._serialized_end=197
+  _globals['_CHATMESSAGE']._serialized_start=199
+  _globals['_CHATMESSAGE']._serialized_end=286
+  _globals['_CHATREQUEST']._serialized_start=289
+  _globals['_CHATREQUEST']._serialized_end=452
+  _globals['_SAMPLINGPARAMS']._serialized_start=455
+  _globals['_SAMPLINGPARAMS']._serialized_end=1045
+  _globals['_USAGE']._serialized_start=1048
+  _globals['_USAGE']._serialized_end=1179
+  _globals['_TOPLOGPROB']._serialized_start=1181
+  _globals['_TOPLOGPROB']._serialized_end=1228
+  _globals['_TOKENLOGPROB']._serialized_start=1230
+  _globals['_TOKENLOGPROB']._serialized_end=1316
+  _globals['_CHATRESPONSE']._serialized_start=1319
+  _globals['_CHATRESPONSE']._serialized_end=1547
+  _globals['_CHAT']._serialized_start=1753
+  _globals['_CHAT']._serialized_end=1820
 # @@protoc_insertion_point(module_scope)

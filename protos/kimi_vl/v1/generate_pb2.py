@@ -22,44 +22,25 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from protos.kimi_vl.v1 import chat_pb2 as protos_dot_kimi__vl_dot_v1_dot_chat__pb2
 from protos.kimi_vl.v1 import tensor_pb2 as protos_dot_kimi__vl_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/kimi_vl/v1/generate.proto\x12\nkimi_vl.v1\x1a\x1eprotos/kimi_vl/v1/tensor.proto\"\xce\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x03\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\x1c\n\x0fsplit_reasoning\x18\x0f \x01(\x08H\x0b\x88\x01\x01\x12\x16\n\ttimeout_s\x18\x10 \x01(\x01H\x0c\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x04\n\x02_nB\x12\n\x10_split_reasoningB\x0c\n\n_timeout_s\"\x9c\x01\n\x10\x45mbeddingSegment\x12\x12\n\nnum_tokens\x18\x01 \x01(\x03\x12(\n\nembeddings\x18\x02 \x01(\x0b\x32\x12.kimi_vl.v1.TensorH\x00\x12\x13\n\tcache_key\x18\x03 \x01(\tH\x00\x12\x11\n\ttimestamp\x18\x04 \x01(\t\x12\x18\n\x10\x65ncoder_endpoint\x18\x05 \x01(\tB\x08\n\x06source\"A\n\x0fMediaEmbeddings\x12.\n\x08segments\x18\x01 \x03(\x0b\x32\x1c.kimi_vl.v1.EmbeddingSegment\"V\n\rPromptMessage\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.kimi_vl.v1.Role\x12%\n\x05parts\x18\x02 \x03(\x0b\x32\x16.kimi_vl.v1.PromptPart\";\n\nPromptPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x15\n\x0bmedia_index\x18\x02 \x01(\x05H\x00\x42\x06\n\x04part\"{\n\x0ePromptMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.kimi_vl.v1.PromptMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x1b\n\x0cPromptTokens\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xe5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06tokens\x18\x02 \x01(\x0b\x32\x18.kimi_vl.v1.PromptTokensH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.kimi_vl.v1.PromptMessagesH\x00\x12*\n\x05media\x18\x04 \x03(\x0b\x32\x1b.kimi_vl.v1.MediaEmbeddings\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kimi_vl.v1.SamplingParamsB\x08\n\x06prompt\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0cmedia_tokens\x18\x03 \x01(\x03\x12\x1b\n\x13media_tokens_cached\x18\x04 \x01(\x03\x12\x15\n\rcached_tokens\x18\x05 \x01(\x03\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.kimi_vl.v1.TopLogprob\"\xe8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.kimi_vl.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.kimi_vl.v1.Usage\x12\x11\n\treasoning\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\x05\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.kimi_vl.v1.TokenLogprob*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32T\n\tGenerator\x12G\n\x08Generate\x12\x1b.kimi_vl.v1.GenerateRequest\x1a\x1c.kimi_vl.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/kimi_vl/v1/generate.proto\x12\nkimi_vl.v1\x1a\x1cprotos/kimi_vl/v1/chat.proto\x1a\x1eprotos/kimi_vl/v1/tensor.proto\"\x9c\x01\n\x10\x45mbeddingSegment\x12\x12\n\nnum_tokens\x18\x01 \x01(\x03\x12(\n\nembeddings\x18\x02 \x01(\x0b\x32\x12.kimi_vl.v1.TensorH\x00\x12\x13\n\tcache_key\x18\x03 \x01(\tH\x00\x12\x11\n\ttimestamp\x18\x04 \x01(\t\x12\x18\n\x10\x65ncoder_endpoint\x18\x05 \x01(\tB\x08\n\x06source\"A\n\x0fMediaEmbeddings\x12.\n\x08segments\x18\x01 \x03(\x0b\x32\x1c.kimi_vl.v1.EmbeddingSegment\"\x1b\n\x0cPromptTokens\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xc5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06tokens\x18\x02 \x01(\x0b\x32\x18.kimi_vl.v1.PromptTokensH\x00\x12*\n\x05media\x18\x04 \x03(\x0b\x32\x1b.kimi_vl.v1.MediaEmbeddings\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kimi_vl.v1.SamplingParamsB\x08\n\x06promptJ\x04\x08\x03\x10\x04R\x08messages2P\n\tGenerator\x12\x43\n\x08Generate\x12\x1b.kimi_vl.v1.GenerateRequest\x1a\x18.kimi_vl.v1.ChatResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.kimi_vl.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1940
-  _globals['_ROLE']._serialized_end=2020
-  _globals['_FINISHREASON']._serialized_start=2022
-  _globals['_FINISHREASON']._serialized_end=2142
-  _globals['_SAMPLINGPARAMS']._serialized_start=81
-  _globals['_SAMPLINGPARAMS']._serialized_end=671
-  _globals['_EMBEDDINGSEGMENT']._serialized_start=674
-  _globals['_EMBEDDINGSEGMENT']._serialized_end=830
-  _globals['_MEDIAEMBEDDINGS']._serialized_start=832
-  _globals['_MEDIAEMBEDDINGS']._serialized_end=897
-  _globals['_PROMPTMESSAGE']._serialized_start=899
-  _globals['_PROMPTMESSAGE']._serialized_end=985
-  _globals['_PROMPTPART']._serialized_start=987
-  _globals['_PROMPTPART']._serialized_end=1046
-  _globals['_PROMPTMESSAGES']._serialized_start=1048
-  _globals['_PROMPTMESSAGES']._serialized_end=1171
-  _globals['_PROMPTTOKENS']._serialized_start=1173
-  _globals['_PROMPTTOKENS']._serialized_end=1200
-  _globals['_GENERATEREQUEST']._serialized_start=1203
-  _globals['_GENERATEREQUEST']._serialized_end=1432
-  _globals['_USAGE']._serialized_start=1435
-  _globals['_USAGE']._serialized_end=1566
-  _globals['_TOPLOGPROB']._serialized_start=1568
-  _globals['_TOPLOGPROB']._serialized_end=1615
-  _globals['_TOKENLOGPROB']._serialized_start=1617
-  _globals['_TOKENLOGPROB']._serialized_end=1703
-  _globals['_GENERATERESPONSE']._serialized_start=1706
-  _globals['_GENERATERESPONSE']._serialized_end=1938
-  _globals['_GENERATOR']._serialized_start=2144
-  _globals['_GENERATOR']._serialized_end=2228
+  _globals['_EMBEDDINGSEGMENT']._serialized_start=111
+  _globals['_EMBEDDINGSEGMENT']._serialized_end=267
+  _globals['_MEDIAEMBEDDINGS']._serialized_start=269
+  _globals['_MEDIAEMBEDDINGS']._serialized_end=334
+  _globals['_PROMPTTOKENS']._serialized_start=336
+  _globals['_PROMPTTOKENS']._serialized_end=363
+  _globals['_GENERATEREQUEST']._serialized_start=366
+  _globals['_GENERATEREQUEST']._serialized_end=563
+  _globals['_GENERATOR']._serialized_start=565
+  _globals['_GENERATOR']._serialized_end=645
 # @@protoc_insertion_point(module_scope)

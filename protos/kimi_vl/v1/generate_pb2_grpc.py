@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from protos.kimi_vl.v1 import chat_pb2 as protos_dot_kimi__vl_dot_v1_dot_chat__pb2
 from protos.kimi_vl.v1 import generate_pb2 as protos_dot_kimi__vl_dot_v1_dot_generate__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -37,7 +38,7 @@ class GeneratorStub:
         self.Generate = channel.unary_stream(
                 '/kimi_vl.v1.Generator/Generate',
                 request_serializer=protos_dot_kimi__vl_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_kimi__vl_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+                response_deserializer=protos_dot_kimi__vl_dot_v1_dot_chat__pb2.ChatResponse.FromString,
                 _registered_method=True)
 
 
@@ -45,7 +46,8 @@ class GeneratorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The public API's response messages, streamed as the ingress relays them (chat.proto).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -56,7 +58,7 @@ def add_GeneratorServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=protos_dot_kimi__vl_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_kimi__vl_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
+                    response_serializer=protos_dot_kimi__vl_dot_v1_dot_chat__pb2.ChatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -85,7 +87,7 @@ class Generator:
             target,
             '/kimi_vl.v1.Generator/Generate',
             protos_dot_kimi__vl_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-            protos_dot_kimi__vl_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+            protos_dot_kimi__vl_dot_v1_dot_chat__pb2.ChatResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,6 @@
 """The decoder's messages as other stages speak them: `SamplingParams` <-> `pb.SamplingParams`,
-and the engine's `RequestOutput`s <-> the `GenerateResponse` stream.
+and the engine's `RequestOutput`s <-> the `ChatResponse` stream (chat.proto's messages: the
+decoder streams what the public API returns, and the ingress relays it).
 
 Imports no torch and no model, so the ingress (which builds requests and relays the stream) and
 the decoder share this one conversion without the ingress loading the language model. The prompt
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from protos.kimi_vl.v1 import generate_pb2 as pb
+from protos.kimi_vl.v1 import chat_pb2 as pb
 from services.decoder.engine.outputs import CompletionDelta, RequestOutput, TokenLogprobs
 from services.decoder.engine.params import SamplingParams
 
@@ -60,7 +61,7 @@ def sampling_to_proto(params: SamplingParams, *, split_reasoning: bool | None = 
     return msg
 
 
-def output_from_response(msg: pb.GenerateResponse) -> RequestOutput:
+def output_from_response(msg: pb.ChatResponse) -> RequestOutput:
     """The engine's output again, from one message of the stream (the inverse of `responses`).
     Token counts arrive with the usage, on the stream's last message (`finished`)."""
     finish = _FINISH_NAME[msg.finish_reason]
@@ -80,7 +81,7 @@ def output_from_response(msg: pb.GenerateResponse) -> RequestOutput:
     )
 
 
-def responses(output: RequestOutput, prompt: MediaUsage) -> list[pb.GenerateResponse]:
+def responses(output: RequestOutput, prompt: MediaUsage) -> list[pb.ChatResponse]:
     """One message per completion that advanced; the stream's last one carries the usage."""
     out = []
     for delta in output.outputs:
@@ -93,7 +94,7 @@ def responses(output: RequestOutput, prompt: MediaUsage) -> list[pb.GenerateResp
             for lp in delta.logprobs
         ]
         out.append(
-            pb.GenerateResponse(
+            pb.ChatResponse(
                 request_id=output.request_id,
                 index=delta.index,
                 token_ids=delta.token_ids,
@@ -105,7 +106,7 @@ def responses(output: RequestOutput, prompt: MediaUsage) -> list[pb.GenerateResp
         )
     if output.finished:
         if not out:
-            out.append(pb.GenerateResponse(request_id=output.request_id))
+            out.append(pb.ChatResponse(request_id=output.request_id))
         out[-1].usage.CopyFrom(
             pb.Usage(
                 prompt_tokens=output.prompt_tokens,

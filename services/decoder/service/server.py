@@ -1,8 +1,9 @@
 """Ray Serve shim of the decoder: `kimi_vl.v1.Generator/Generate` (server streaming) over `AsyncEngine`.
 
 `DecoderServer` translates a `GenerateRequest` into the core's `GenerationRequest` and the core's
-`RequestOutput`s back into `GenerateResponse`s; the engine (paged KV cache, continuous batching,
-stop strings, reasoning split) lives in `services.decoder.engine.async_engine`. Two entry points:
+`RequestOutput`s back into `ChatResponse`s (chat.proto's own, which the ingress relays as they
+are); the engine (paged KV cache, continuous batching, stop strings, reasoning split) lives in
+`services.decoder.engine.async_engine`. Two entry points:
 - `Generate(request, grpc_context)`: external clients through Serve's gRPC proxy (metadata
   `("application", name)`); errors become status codes (`services.common.grpc_status`).
 - `generate(request)`: the same stream as a handle method for the pipeline
@@ -39,12 +40,14 @@ from ray.serve import Application
 from ray.serve.exceptions import RayServeException
 from ray.serve.grpc_util import RayServegRPCContext
 
+from protos.kimi_vl.v1 import chat_pb2
 from protos.kimi_vl.v1 import generate_pb2 as pb
 from services.common.chat_template import end_of_turn_ids
 from services.common.config import KimiVLConfig, load_config, load_generation_config
 from services.common.devices import resolve_device, resolve_dtype
 from services.common.errors import InvalidInputError
 from services.common.grpc_status import set_error_status
+from services.common.redis_client import DEFAULT_SOCKET_TIMEOUT_S
 from services.common.settings import check_dtype_name, known_fields
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine.async_engine import (
@@ -62,7 +65,7 @@ from services.decoder.service.metrics import DecoderMetrics, stats_dict
 from services.decoder.service.translate import ModelFacts, translate
 from services.vision_encoder.cache import EmbeddingCache
 from services.vision_encoder.client import EncoderClients
-from services.vision_encoder.redis_cache import DEFAULT_SOCKET_TIMEOUT_S, RedisEmbeddingCache
+from services.vision_encoder.redis_cache import RedisEmbeddingCache
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +213,7 @@ class DecoderServer:
 
     async def generate(
         self, request: pb.GenerateRequest, request_id: str = ""
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncIterator[chat_pb2.ChatResponse]:
         """Handle method (`stream=True`): the response stream; errors raise as the project's own."""
         self._start_reporter()
         self.engine.check_health()
@@ -226,7 +229,7 @@ class DecoderServer:
 
     async def Generate(  # noqa: N802 — Serve routes by the RPC's name
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext | None = None
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncIterator[chat_pb2.ChatResponse]:
         request_id = (grpc_context.request_id() if grpc_context is not None else None) or ""
         try:
             async with aclosing(self.generate(request, request_id)) as stream:

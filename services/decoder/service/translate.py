@@ -2,9 +2,8 @@
 its prompt and its media embeddings (the outputs' way back is `messages.responses`). Testable
 without Ray.
 
-The prompt is token ids (each media segment's placeholder run already expanded) or chat messages
-rendered with the checkpoint's chat template (a media item = its segments in order, each preceded
-by its timestamp text when it has one: a video's frames). The i-th run of `<|media_pad|>` ids
+The prompt is token ids, rendered by the caller (the ingress) with the checkpoint's chat template:
+each media segment's placeholder run already expanded. The i-th run of `<|media_pad|>` ids
 takes segment i's embeddings: inline (`Tensor` [num_tokens, text hidden], float) or a key of the
 shared embedding cache the encoder writes (Redis), read here. A key not in the cache (evicted,
 expired, never written) is INVALID_ARGUMENT saying so (NotCachedError): the caller re-encodes and
@@ -27,7 +26,6 @@ import torch
 
 from protos.kimi_vl.v1 import generate_pb2 as pb
 from services.common import tensor_codec
-from services.common.chat_template import encode_chat
 from services.common.errors import InvalidInputError, NotCachedError, UpstreamUnavailableError
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine.async_engine import GenerationRequest
@@ -36,7 +34,6 @@ from services.decoder.service.messages import sampling_params
 from services.vision_encoder.cache import EmbeddingCache
 from services.vision_encoder.redis_cache import RedisCacheStats
 
-_ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
 _EMBED_DTYPES = {"float32", "float16", "bfloat16"}
 MAX_CACHE_KEY_CHARS = 512
 
@@ -113,48 +110,6 @@ def _token_prompt(
                 f"{segment.num_tokens}"
             )
     return ids, segments, runs
-
-
-def _message_prompt(
-    request: pb.GenerateRequest, facts: ModelFacts
-) -> tuple[list[int], list[tuple[str, pb.EmbeddingSegment]], list[tuple[int, int]]]:
-    _segments(request.media)  # the same checks as a token prompt
-    items = [
-        [(f"media {m} segment {s}", seg) for s, seg in enumerate(item.segments)]
-        for m, item in enumerate(request.media)
-    ]
-    used: set[int] = set()
-    segments: list[tuple[str, pb.EmbeddingSegment]] = []  # in the order the prompt consumes them
-    messages = []
-    for i, message in enumerate(request.messages.messages):
-        if message.role not in _ROLES:
-            raise InvalidInputError(f"message {i} has no role (system, user or assistant)")
-        parts: list[dict[str, Any]] = []
-        for part in message.parts:
-            if part.WhichOneof("part") == "text":
-                parts.append({"type": "text", "text": part.text})
-                continue
-            if part.WhichOneof("part") != "media_index" or not 0 <= part.media_index < len(items):
-                raise InvalidInputError(f"message {i}: a part must be text or a media_index < {len(items)}")
-            used.add(part.media_index)
-            for where, segment in items[part.media_index]:
-                if segment.timestamp:
-                    parts.append({"type": "text", "text": segment.timestamp})
-                parts.append({"type": "image"})
-                segments.append((where, segment))
-        messages.append({"role": _ROLES[message.role], "content": parts})
-    if unused := sorted(set(range(len(items))) - used):
-        raise InvalidInputError(f"media {unused} are not referenced by any message")
-    add_generation_prompt = (
-        request.messages.add_generation_prompt if request.messages.HasField("add_generation_prompt") else True
-    )
-    chat = encode_chat(
-        facts.tokenizer,
-        messages,
-        image_token_counts=[segment.num_tokens for _, segment in segments],
-        add_generation_prompt=add_generation_prompt,
-    )
-    return chat.input_ids, segments, chat.image_spans
 
 
 def inline_content_hash(msg: Any) -> str:
@@ -255,10 +210,9 @@ def translate(
     timeout = sampling.timeout_s if sampling.HasField("timeout_s") else None
     if timeout is not None and not timeout > 0:
         raise InvalidInputError(f"timeout_s must be > 0, got {timeout}")
-    kind = request.WhichOneof("prompt")
-    if kind is None:
-        raise InvalidInputError("the request has no prompt (tokens or messages)")
-    ids, segments, spans = (_token_prompt if kind == "tokens" else _message_prompt)(request, facts)
+    if request.WhichOneof("prompt") != "tokens":
+        raise InvalidInputError("the request has no prompt (tokens)")
+    ids, segments, spans = _token_prompt(request, facts)
     inline: dict[int, torch.Tensor] = {}
     wanted: dict[str, str] = {}  # cache key -> encoder endpoint
     for i, (where, segment) in enumerate(segments):
