@@ -115,7 +115,7 @@ def _save_npz(out: str, items: Sequence[ProcessedItem]) -> tuple[list[int], list
         "frame_content_hash": np.array([f.content_hash for f in frames], dtype=np.str_),
     }
     try:
-        np.savez(out, **arrays)
+        np.savez(out, allow_pickle=True, **arrays)  # the default, named: no array key can take it
     except OSError as e:
         raise InvalidInputError(f"cannot write {out}: {e}") from e
     return list(pixel_values.shape), list(grid_hws.shape)
@@ -242,7 +242,7 @@ def _save_embeddings(out: str, per_item: Sequence[Sequence[EncodedImage]]) -> No
     arrays["image_num_tokens"] = np.array([r.num_tokens for _, r in flat], dtype=np.int64)
     arrays["image_cache_hit"] = np.array([r.cache_hit for _, r in flat], dtype=np.bool_)
     try:
-        np.savez(out, **arrays)
+        np.savez(out, allow_pickle=True, **arrays)  # the default, named: no array key can take it
     except OSError as e:
         raise InvalidInputError(f"cannot write {out}: {e}") from e
 

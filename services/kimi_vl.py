@@ -39,5 +39,4 @@ def load_kimi_vl(
     *,
     progress: bool = False,
 ) -> KimiVLForConditionalGeneration:
-    model = build_and_load(KimiVLForConditionalGeneration, checkpoint_dir, dtype, device, progress=progress)
-    return model  # type: ignore[return-value]
+    return build_and_load(KimiVLForConditionalGeneration, checkpoint_dir, dtype, device, progress=progress)

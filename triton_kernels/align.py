@@ -202,15 +202,15 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, ep_size
     e_pad = triton.next_power_of_2(num_experts)
     chunk = max(16, min(triton.next_power_of_2(max(n, 1)), 8192 // e_pad, 256))
     num_chunks = max(1, triton.cdiv(n, chunk))
-    i32 = dict(dtype=torch.int32, device=device)
-    chunk_counts = torch.empty(num_chunks, num_experts, **i32)
-    expert_starts = torch.empty(num_experts, **i32)
+    i32 = torch.int32
+    chunk_counts = torch.empty(num_chunks, num_experts, dtype=i32, device=device)
+    expert_starts = torch.empty(num_experts, dtype=i32, device=device)
     out = MoEAlignment(
-        sorted_token_ids=torch.full((max_blocks * block_m,), n, **i32),
-        expert_ids=torch.empty(max_blocks, **i32),
-        num_tokens_post_padded=torch.empty(1, **i32),
-        expert_counts=torch.empty(num_experts, **i32),
-        rank_counts=torch.empty(ep_size, **i32),
+        sorted_token_ids=torch.full((max_blocks * block_m,), n, dtype=i32, device=device),
+        expert_ids=torch.empty(max_blocks, dtype=i32, device=device),
+        num_tokens_post_padded=torch.empty(1, dtype=i32, device=device),
+        expert_counts=torch.empty(num_experts, dtype=i32, device=device),
+        rank_counts=torch.empty(ep_size, dtype=i32, device=device),
         block_m=block_m,
         num_routed=n,
     )

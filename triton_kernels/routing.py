@@ -226,11 +226,13 @@ def grouped_topk(
     (topk_weights [T, K] fp32, topk_ids [T, K] int32). One program per block of tokens.
     """
     _check_args(router_logits, correction_bias, top_k, n_group, topk_group, scoring_func, topk_method)
-    has_bias = topk_method == "noaux_tc"
-    check_launch(_grouped_topk_kernel, router_logits, *([correction_bias] if has_bias else []))
+    # noaux_tc is the one method that reads the bias (_check_args made sure it is given)
+    read_bias = correction_bias if topk_method == "noaux_tc" else None
+    has_bias = read_bias is not None
+    check_launch(_grouped_topk_kernel, router_logits, *([read_bias] if read_bias is not None else []))
     t, e = router_logits.shape
-    if has_bias and tuple(correction_bias.shape) != (e,):  # type: ignore[union-attr]
-        raise ValueError(f"correction_bias must be [{e}], got {list(correction_bias.shape)}")  # type: ignore[union-attr]
+    if read_bias is not None and tuple(read_bias.shape) != (e,):
+        raise ValueError(f"correction_bias must be [{e}], got {list(read_bias.shape)}")
     weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
     if t == 0:
@@ -239,7 +241,7 @@ def grouped_topk(
     groups = n_group if group_limit else 1
     g_pad, s_pad = triton.next_power_of_2(groups), triton.next_power_of_2(e // groups)
     block_t = max(1, min(16, triton.next_power_of_2(t), 4096 // (g_pad * s_pad)))
-    bias = correction_bias.float().contiguous() if has_bias else weights  # type: ignore[union-attr]
+    bias = read_bias.float().contiguous() if read_bias is not None else weights
     _grouped_topk_kernel[(triton.cdiv(t, block_t),)](
         router_logits, bias, weights, ids,
         t, float(routed_scaling_factor),

@@ -27,7 +27,7 @@ class TotalCounters:
         self._counters = {
             name: Counter(PREFIX + name, text, tuple(self._tags)) for name, text in descriptions.items()
         }
-        self._last = dict.fromkeys(descriptions, 0)
+        self._last: dict[str, int | float] = dict.fromkeys(descriptions, 0)
 
     def report(self, totals: Mapping[str, int | float]) -> None:
         for name, counter in self._counters.items():

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import torch
 from safetensors import safe_open
@@ -36,6 +36,16 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_LISTED = 20
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+class CustomLoad(Protocol):
+    """The custom-load protocol of a module whose weights are not its checkpoint keys."""
+
+    def checkpoint_keys(self) -> list[str]: ...
+
+    def load_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ def _copy_into(module: nn.Module, name: str) -> Callable[[torch.Tensor], None]:
     return load
 
 
-def _custom_load(module: nn.Module, name: str) -> Callable[[torch.Tensor], None]:
+def _custom_load(module: CustomLoad, name: str) -> Callable[[torch.Tensor], None]:
     def load(tensor: torch.Tensor) -> None:
         module.load_checkpoint_tensor(name, tensor)
 
@@ -100,9 +110,10 @@ def _module_targets(model: nn.Module, prefix: str) -> tuple[dict[str, _Target], 
         if any(path.startswith(root) for root in custom_roots):
             continue
         if hasattr(mod, "checkpoint_keys"):
+            custom = cast(CustomLoad, mod)
             custom_roots.append(path)
-            for key in mod.checkpoint_keys():
-                targets[prefix + path + key] = _Target(None, _custom_load(mod, key))
+            for key in custom.checkpoint_keys():
+                targets[prefix + path + key] = _Target(None, _custom_load(custom, key))
             skip = getattr(mod, "skipped_checkpoint_keys", None)
             skipped.update(prefix + path + key for key in (skip() if skip is not None else ()))
             continue
@@ -166,7 +177,7 @@ def _progress(items: list[str], enabled: bool) -> Iterator[str]:
 
 
 def load_weights(
-    model: nn.Module,
+    model: _M,
     checkpoint_dir: str | Path,
     *,
     prefix: str = "",
@@ -174,7 +185,7 @@ def load_weights(
     device: torch.device | str = "cpu",
     progress: bool = False,
     stats: LoadStats | None = None,
-) -> nn.Module:
+) -> _M:
     """Fill `model` (built on the meta device) with the checkpoint's weights (`stats`: counts what
     was read).
 
@@ -225,7 +236,7 @@ def meta_build(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_and_load(
-    build: Callable[[KimiVLConfig], nn.Module],
+    build: Callable[[KimiVLConfig], _M],
     checkpoint_dir: str | Path,
     dtype: torch.dtype,
     device: torch.device | str,
@@ -234,7 +245,7 @@ def build_and_load(
     scope: tuple[str, ...] | None = None,
     progress: bool = False,
     stats: LoadStats | None = None,
-) -> nn.Module:
+) -> _M:
     """Parse the checkpoint's config, build `build(config)` on the meta device, load its weights."""
     from services.common.config import load_config
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from services.common.config import KimiVLConfig
 from services.common.weights import LoadStats, build_and_load
@@ -24,11 +23,11 @@ def load_text_model(
     progress: bool = False,
     ep: EPContext | None = None,
     stats: LoadStats | None = None,
-) -> nn.Module:
+) -> DecoderForCausalLM:
     """The decoder (`language_model.*` weights) of a Kimi-VL checkpoint. With `ep`, this rank's
     share of it: every MoE layer holds (and reads from disk) only the rank's routed experts."""
 
-    def build(cfg: KimiVLConfig) -> nn.Module:
+    def build(cfg: KimiVLConfig) -> DecoderForCausalLM:
         model = DecoderForCausalLM(cfg.text_config)
         if ep is None:
             return model

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +61,7 @@ class Started:
     """A request the decoder has begun answering."""
 
     prompt_ids: list[int]
-    responses: AsyncIterator[chat_pb2.ChatResponse]  # the first one included
+    responses: AsyncGenerator[chat_pb2.ChatResponse, None]  # the first one included
     media: MediaStats
 
 
@@ -129,7 +129,7 @@ class ChatPipeline:
 
 async def _chain(
     first: chat_pb2.ChatResponse, rest: AsyncIterator[chat_pb2.ChatResponse]
-) -> AsyncIterator[chat_pb2.ChatResponse]:
+) -> AsyncGenerator[chat_pb2.ChatResponse, None]:
     try:
         yield first
         async for msg in rest:

@@ -68,7 +68,7 @@ def demo_video(frames: int = 16, size: int = 224, fps: float = 8.0) -> bytes:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "demo.mp4")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
+        writer = cv2.VideoWriter(path, cv2.VideoWriter.fourcc(*"mp4v"), fps, (size, size))
         for i in range(frames):
             frame = np.full((size, size, 3), 40, np.uint8)
             x = i * (size - 48) // max(frames - 1, 1)

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.grpc_util import RayServegRPCContext
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from protos.kimi_vl.v1 import chat_pb2
 from protos.kimi_vl.v1 import generate_pb2 as gen_pb
@@ -144,7 +144,7 @@ class ChatIngressServer:
             self._encoder_fingerprint,
         )
         self.pipeline = ChatPipeline(self.tokenizer, resolver, self._generate)
-        self.metrics = TotalCounters(MEDIA_COUNTERS, {"model_name": settings.served_model_name})
+        self.media_counters = TotalCounters(MEDIA_COUNTERS, {"model_name": settings.served_model_name})
         self._media_totals = dict.fromkeys(MEDIA_COUNTERS, 0)
 
     # --- the stages ------------------------------------------------------------------------
@@ -158,7 +158,8 @@ class ChatIngressServer:
         return self._fingerprint
 
     async def _generate(self, request: gen_pb.GenerateRequest) -> AsyncIterator[chat_pb2.ChatResponse]:
-        stream = self.decoder.options(stream=True).generate.remote(request)
+        method = self.decoder.options(stream=True).generate
+        stream: DeploymentResponseGenerator[chat_pb2.ChatResponse] = method.remote(request)  # type: ignore[assignment]  # streams
         try:
             async for msg in stream:
                 yield msg
@@ -269,7 +270,7 @@ class ChatIngressServer:
         totals["media_manifest_hits_total"] += started.media.manifest_hits
         totals["media_items_prepared_total"] += started.media.prepared
         totals["media_refreshes_total"] += int(started.media.refreshed)
-        self.metrics.report(totals)
+        self.media_counters.report(totals)
         return started
 
     async def _answer(
@@ -313,7 +314,7 @@ class ChatIngressServer:
                 async for msg in started.responses:
                     yield msg
             finally:
-                await started.responses.aclose()  # type: ignore[attr-defined]
+                await started.responses.aclose()
         except Exception as e:  # the service edge
             error = _cause(e)
             if isinstance(error, InvalidInputError) and error.param:  # say where, as HTTP's `param` does
@@ -385,12 +386,12 @@ def _source_from_ref(ref: convert.MediaRef) -> MediaSource:
     return MediaSource(kind, ref.param, url=ref.url)
 
 
-async def _outputs(responses: AsyncIterator[chat_pb2.ChatResponse]) -> AsyncIterator[Any]:
+async def _outputs(responses: AsyncGenerator[chat_pb2.ChatResponse, None]) -> AsyncGenerator[Any, None]:
     try:
         async for msg in responses:
             yield output_from_response(msg)
     finally:
-        await responses.aclose()  # type: ignore[attr-defined]
+        await responses.aclose()
 
 
 async def _unwrapped(response: Any) -> Any:

@@ -120,8 +120,9 @@ class MediaResolver:
         )
         for i, manifest in zip(missing, prepared, strict=True):
             found[i] = manifest
-            if keys[i] is not None:
-                await asyncio.to_thread(self.store.put, keys[i], manifest)
+            key = keys[i]
+            if key is not None:
+                await asyncio.to_thread(self.store.put, key, manifest)
         return [m for m in found if m is not None], stats
 
     async def forget(self, keys: Sequence[str]) -> None:

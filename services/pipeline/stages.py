@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from services.common.errors import InternalError, UpstreamUnavailableError
 from services.pipeline.manifest import MediaManifest, Segment
@@ -52,7 +52,7 @@ def prepare_manifest(
                 f"encoder answered {image.num_tokens} tokens / key {image.cache_key!r} for {tokens}"
             )
         segments.append(Segment(image.cache_key, tokens, stamp, endpoint))
-    kind = "video" if processed.kind is MediaKind.VIDEO else "image"
+    kind: Literal["image", "video"] = "video" if processed.kind is MediaKind.VIDEO else "image"
     return MediaManifest(kind, processed.content_hash, tuple(segments))
 
 
@@ -78,7 +78,7 @@ class PipelinePreprocessServer(PreprocessServer):
 
         The encoder replica is chosen by Serve through a lease (`VisionEncoderServer.lease`), held
         while its gRPC server encodes, so Serve counts that work against the replica."""
-        lease = None
+        lease: DeploymentResponseGenerator[str] | None = None
 
         def encode(pixel_values: Any, grid_hws: Any, hashes: list[str]) -> Any:
             endpoint = asyncio.run_coroutine_threadsafe(acquire(), loop).result()
@@ -87,9 +87,11 @@ class PipelinePreprocessServer(PreprocessServer):
 
         async def acquire() -> str:
             nonlocal lease
-            lease = self.encoder.options(stream=True).lease.remote()
+            method = self.encoder.options(stream=True).lease
+            held: DeploymentResponseGenerator[str] = method.remote()  # type: ignore[assignment]  # streams
+            lease = held
             try:
-                return await lease.__anext__()
+                return await held.__anext__()
             except StopAsyncIteration:
                 raise UpstreamUnavailableError("the encoder replica closed its lease") from None
 

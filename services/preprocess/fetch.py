@@ -96,7 +96,8 @@ def _resolve(host: str, port: int, policy: UrlPolicy) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise InvalidInputError(f"cannot resolve host {host!r}: {e}") from e
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    # sockaddr[0] is the address string for AF_INET / AF_INET6, the only families returned here
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     refused = [a for a in addresses if not address_allowed(a, policy.allow_private)]
     if not addresses or refused:
         raise InvalidInputError(

@@ -57,8 +57,8 @@ def packed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqs, scale: float
 ) -> torch.Tensor:
     """q, k, v [P, heads, D] → [P, heads, D]; patch i attends to all patches of its own image only."""
-    if _use_flash(q):
-        flash = _flash_varlen()
+    flash = _flash_varlen() if _use_flash(q) else None
+    if flash is not None:
         cu = seqs.cu_seqlens
         return flash(q, k, v, cu, cu, seqs.max_len, seqs.max_len, softmax_scale=scale, causal=False)
     return _sdpa_per_image(q, k, v, seqs.lengths, scale)

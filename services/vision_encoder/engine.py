@@ -227,9 +227,9 @@ class EncoderEngine:
             fresh = dict(zip(todo, self._forward([images[i] for i in todo]), strict=True))
             for i, key in enumerate(keys):  # the same content twice in one call is encoded once
                 if results[i] is None:
-                    results[i] = EncodedImage(fresh[i if i in fresh else first[key]], False, key)
+                    results[i] = EncodedImage(fresh[i if key is None else first[key]], False, key)
 
-            self._store([(keys[i], fresh[i]) for i in todo if keys[i] is not None])
+            self._store([(k, fresh[i]) for i, k in enumerate(keys) if k is not None and i in fresh])
         return results  # type: ignore[return-value]
 
     def fetch(self, keys: Sequence[str]) -> list[EncodedImage]:

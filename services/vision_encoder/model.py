@@ -42,7 +42,4 @@ def load_vision_encoder(
     progress: bool = False,
 ) -> VisionEncoder:
     """MoonViT + projector only (`vision_tower.*`, `multi_modal_projector.*`; decoder keys skipped)."""
-    model = build_and_load(
-        VisionEncoder, checkpoint_dir, dtype, device, scope=VISION_SCOPE, progress=progress
-    )
-    return model  # type: ignore[return-value]
+    return build_and_load(VisionEncoder, checkpoint_dir, dtype, device, scope=VISION_SCOPE, progress=progress)

@@ -15,14 +15,13 @@ Memory. Bounded by Redis itself, not here: run it with `maxmemory <bytes>` and
 `maxmemory-policy allkeys-lru` (`configure_memory` sets both where CONFIG SET is allowed), so the
 least recently used embeddings go first; the TTL only ages out entries of retired models.
 
-Failure model. Redis down, slow (each call waits at most `socket_timeout_s` per socket operation:
-redis-py retries only a dropped connection, once, and never a timeout) or answering garbage: the
-batch is a miss or the write is skipped, the failure is counted in `stats.errors` and logged
-once per burst, and for `retry_after_s` further calls do not touch Redis (so a black-holed host
-does not cost every request a timeout). Nothing is raised to the caller except for its own bugs
-(a tensor that is not [T, H] float32/float16/bfloat16). The connection pool reconnects by itself
-when Redis is back. A corrupt value is counted, deleted best-effort and reported as a miss; the
-encoder then recomputes and overwrites it.
+Failure model: `services.common.redis_client`'s (its timeouts, retry policy and circuit breaker).
+Redis down, slow or answering garbage: the batch is a miss or the write is skipped, the failure is
+counted in `stats.errors` and logged once per burst, and for `retry_after_s` further calls do not
+touch Redis (`stats.skipped_calls`). Nothing is raised to the caller except for its own bugs (a
+tensor that is not [T, H] float32/float16/bfloat16). The connection pool reconnects by itself when
+Redis is back. A corrupt value is counted (`stats.corrupt`, also in `errors`), deleted best-effort
+and reported as a miss; the encoder then recomputes and overwrites it.
 
 Knows nothing about how embeddings are computed or which service calls it.
 """
@@ -30,19 +29,22 @@ Knows nothing about how embeddings are computed or which service calls it.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import torch
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from services.common.redis_client import (
+    DEFAULT_RETRY_AFTER_S,
+    DEFAULT_SOCKET_TIMEOUT_S,
+    DEFAULT_TTL_S,
+    REDIS_ERRORS,
+    RedisClient,
+)
 from services.vision_encoder.cache import CacheStats, EmbeddingCache, LRUEmbeddingCache
 from services.vision_encoder.entry_format import (
     CorruptEntryError,
@@ -58,56 +60,22 @@ from services.vision_encoder.entry_format import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TTL_S = 7 * 24 * 3600
 DEFAULT_CHUNK_BYTES = 4 << 20
-DEFAULT_SOCKET_TIMEOUT_S = 0.5  # a slow Redis costs a request at most this per socket call
 
 
 @dataclass
 class RedisCacheStats(CacheStats):
     """`CacheStats` plus what only a remote cache has. bytes_read/bytes_written count value bytes
-    moved from/to Redis (headers, manifests and corrupt values included)."""
+    moved from/to Redis (headers, manifests and corrupt values included). `errors`, `corrupt` and
+    `skipped_calls` are the `RedisClient`'s."""
 
     corrupt: int = 0  # values that failed to decode; also counted in errors and misses
-    skipped_calls: int = 0  # calls answered without Redis while it was marked down
+    skipped_calls: int = 0  # calls answered without Redis while its breaker was open
     oversize: int = 0  # values not stored: longer than max_value_bytes
     get_calls: int = 0
     put_calls: int = 0
     get_us: int = 0  # wall time inside get_many / put_many, microseconds
     put_us: int = 0
-
-
-class _BurstLog:
-    """Logs the first failure of a burst, then at most once per `interval_s` with a count of the
-    failures it kept quiet about; `recovered` ends the burst (and says so)."""
-
-    def __init__(self, what: str, interval_s: float = 60.0) -> None:
-        self._what = what
-        self._interval_s = interval_s
-        self._lock = threading.Lock()
-        self._failing = False
-        self._last_report = -math.inf
-        self._quiet = 0
-
-    def failure(self, reason: str, *, exc_info: BaseException | None = None) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if self._failing and now - self._last_report < self._interval_s:
-                self._quiet += 1
-                return
-            quiet, self._quiet = self._quiet, 0
-            self._failing, self._last_report = True, now
-        more = f" ({quiet} more since the last report)" if quiet else ""
-        logger.warning("%s: %s%s", self._what, reason, more, exc_info=exc_info)
-
-    def recovered(self) -> None:
-        if not self._failing:  # the common case, without the lock
-            return
-        with self._lock:
-            if not self._failing:
-                return
-            quiet, self._quiet, self._failing = self._quiet, 0, False
-        logger.info("%s: working again (%d failures not reported individually)", self._what, quiet)
 
 
 class RedisEmbeddingCache:
@@ -122,55 +90,52 @@ class RedisEmbeddingCache:
         socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
         max_value_bytes: int | None = None,
         namespace: str = "",
-        retry_after_s: float = 1.0,
+        retry_after_s: float = DEFAULT_RETRY_AFTER_S,
     ) -> None:
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive or None, got {ttl_s}")
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-        if socket_timeout_s <= 0:
-            raise ValueError(f"socket_timeout_s must be positive, got {socket_timeout_s}")
         if max_value_bytes is not None and max_value_bytes <= 0:
             raise ValueError(f"max_value_bytes must be positive or None, got {max_value_bytes}")
-        if retry_after_s < 0:
-            raise ValueError(f"retry_after_s must be ≥ 0, got {retry_after_s}")
         self.ttl_s = ttl_s
         self.chunk_bytes = chunk_bytes
         self.max_value_bytes = max_value_bytes
-        self.retry_after_s = retry_after_s
-        self.where = _redact(url)
-        self._prefix = f"{namespace}:" if namespace else ""
-        self._client = redis.Redis.from_url(
+        self._client = RedisClient(
             url,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-            # one immediate retry on a dropped connection (a restarted server), none on a timeout
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            # RESP2: all this cache needs, served by any Redis (RESP3 needs ≥ 6), and no
-            # maintenance-notification handshake on every new connection
-            protocol=2,
+            name="Redis embedding cache",
+            socket_timeout_s=socket_timeout_s,
+            retry_after_s=retry_after_s,
+            log=logger,
         )
-        self._stats = RedisCacheStats()
+        self.where = self._client.where
+        self._prefix = f"{namespace}:" if namespace else ""
+        self._stats = RedisCacheStats()  # errors, corrupt, skipped_calls: see `stats`
         self._lock = threading.Lock()  # guards _stats
-        self._down_until = -math.inf
-        self._outage_log = _BurstLog(f"Redis embedding cache at {self.where}")
-        self._corrupt_log = _BurstLog(f"Redis embedding cache at {self.where}: corrupt entry")
+
+    @property
+    def retry_after_s(self) -> float:
+        return self._client.retry_after_s
 
     @property
     def stats(self) -> RedisCacheStats:
-        return self._stats
+        """A snapshot: this cache's counters and its client's."""
+        client = self._client.stats
+        with self._lock:
+            return replace(
+                self._stats, errors=client.errors, corrupt=client.corrupt, skipped_calls=client.skipped_calls
+            )
 
     def get_many(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
         start = time.perf_counter()
         out: list[torch.Tensor | None] = [None] * len(keys)
-        skipped = bool(keys) and self._is_down()
-        if keys and not skipped:
-            self._guarded("get", self._fetch, [self._prefix + key for key in keys], out)
+        if keys:
+            rkeys = [self._prefix + key for key in keys]
+            self._client.call("get", lambda: self._fetch(rkeys, out), None)
         hits = sum(tensor is not None for tensor in out)
         with self._lock:
             self._stats.hits += hits
             self._stats.misses += len(keys) - hits
-            self._stats.skipped_calls += skipped
             self._stats.get_calls += 1
             self._stats.get_us += round((time.perf_counter() - start) * 1e6)
         return out
@@ -186,14 +151,11 @@ class RedisEmbeddingCache:
                 oversize += 1
                 continue
             writes.extend(self._parts(self._prefix + key, value))
-        skipped = bool(writes) and self._is_down()
-        written = 0
-        if writes and not skipped and self._guarded("put", self._store, writes):
-            written = sum(len(value) for _, value in writes)
+        stored = self._client.call("put", lambda: self._store(writes), False) if writes else False
+        written = sum(len(value) for _, value in writes) if stored else 0
         with self._lock:
             self._stats.bytes_written += written
             self._stats.oversize += oversize
-            self._stats.skipped_calls += skipped
             self._stats.put_calls += 1
             self._stats.put_us += round((time.perf_counter() - start) * 1e6)
 
@@ -201,9 +163,9 @@ class RedisEmbeddingCache:
         """Cap Redis's memory (CONFIG SET maxmemory + maxmemory-policy). Managed Redis services
         often forbid CONFIG: then this logs, returns False, and the server's own settings hold."""
         try:
-            self._client.config_set("maxmemory", max_bytes)
-            self._client.config_set("maxmemory-policy", policy)
-        except (redis.RedisError, OSError) as e:
+            self._client.redis.config_set("maxmemory", max_bytes)
+            self._client.redis.config_set("maxmemory-policy", policy)
+        except REDIS_ERRORS as e:
             logger.warning("could not set maxmemory on %s: %s: %s", self.where, type(e).__name__, e)
             return False
         return True
@@ -220,11 +182,12 @@ class RedisEmbeddingCache:
         parts = [(f"{rkey}:c{i}", piece) for i, piece in enumerate(pieces)]
         return [*parts, (rkey, encode_manifest(value, len(pieces)))]  # manifest last
 
-    def _store(self, writes: list[tuple[str, bytes]]) -> None:
-        with self._client.pipeline(transaction=False) as pipe:
+    def _store(self, writes: list[tuple[str, bytes]]) -> bool:
+        with self._client.redis.pipeline(transaction=False) as pipe:
             for rkey, value in writes:
                 pipe.set(rkey, value, ex=self.ttl_s)
             pipe.execute()  # runs every command, then raises the first error
+        return True
 
     def _fetch(self, rkeys: list[str], out: list[torch.Tensor | None]) -> None:
         """Fill `out` in place, so hits found before a failure in the chunk round trip stay hits."""
@@ -247,9 +210,9 @@ class RedisEmbeddingCache:
             pieces = self._mget(chunk_keys)
             start = 0
             for i, rkey, manifest in chunked:
-                mine = pieces[start : start + manifest.count]
+                mine = [piece for piece in pieces[start : start + manifest.count] if piece is not None]
                 start += manifest.count
-                if any(piece is None for piece in mine):
+                if len(mine) != manifest.count:
                     continue  # a chunk expired or was evicted: a plain miss, the next put repairs it
                 try:
                     out[i] = decode_entry(join(manifest, mine))
@@ -260,45 +223,23 @@ class RedisEmbeddingCache:
             self._delete(corrupt)
 
     def _mget(self, rkeys: list[str]) -> list[bytes | None]:
-        values = self._client.mget(rkeys)
+        values = self._client.redis.mget(rkeys)
         if len(values) != len(rkeys) or any(v is not None and not isinstance(v, bytes) for v in values):
             raise redis.InvalidResponse(f"MGET of {len(rkeys)} keys answered {type(values).__name__}")
+        found: list[bytes | None] = [v if isinstance(v, bytes) else None for v in values]  # checked above
         with self._lock:
-            self._stats.bytes_read += sum(len(v) for v in values if v is not None)
-        return values
+            self._stats.bytes_read += sum(len(v) for v in found if v is not None)
+        return found
 
     def _delete(self, rkeys: list[str]) -> None:
         # chunks are left to their TTL: a rewrite overwrites them, and finding them costs a read
         try:
-            self._client.unlink(*rkeys)
-        except (redis.RedisError, OSError) as e:
+            self._client.redis.unlink(*rkeys)
+        except REDIS_ERRORS as e:
             logger.debug("could not delete corrupt entries %s: %s", rkeys, e)
 
     def _count_corrupt(self, rkey: str, error: CorruptEntryError) -> None:
-        with self._lock:
-            self._stats.errors += 1
-            self._stats.corrupt += 1
-        self._corrupt_log.failure(f"{rkey}: {error}; deleting it, the encoder recomputes it")
-
-    def _is_down(self) -> bool:
-        return time.monotonic() < self._down_until
-
-    def _guarded(self, op: str, fn: Callable[..., None], *args: object) -> bool:
-        """Run one backend operation; True if it succeeded. The service edge: whatever goes wrong
-        in Redis or its client is counted and logged, never raised into a request."""
-        try:
-            fn(*args)
-        except Exception as e:
-            self._down_until = time.monotonic() + self.retry_after_s
-            with self._lock:
-                self._stats.errors += 1
-            expected = isinstance(e, (redis.RedisError, OSError))
-            self._outage_log.failure(
-                f"{op} failed: {type(e).__name__}: {e}", exc_info=None if expected else e
-            )
-            return False
-        self._outage_log.recovered()
-        return True
+        self._client.corrupt(f"{rkey}: {error}; deleting it, the encoder recomputes it")
 
 
 class TieredEmbeddingCache:
@@ -347,9 +288,3 @@ def make_cache(redis_url: str | None, *, lru_bytes: int, **redis_options: Any) -
         return LRUEmbeddingCache(lru_bytes)
     shared = RedisEmbeddingCache(redis_url, **redis_options)
     return TieredEmbeddingCache(LRUEmbeddingCache(lru_bytes), shared) if lru_bytes > 0 else shared
-
-
-def _redact(url: str) -> str:
-    """The URL without credentials or query (which may carry a password), for logs."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))

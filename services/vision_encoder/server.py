@@ -51,6 +51,7 @@ from services.common.devices import resolve_device, resolve_dtype
 from services.common.errors import InvalidInputError
 from services.common.grpc_status import set_error_status
 from services.common.metrics import TotalCounters, report_every
+from services.common.redis_client import DEFAULT_SOCKET_TIMEOUT_S, DEFAULT_TTL_S
 from services.common.settings import check_dtype_name, known_fields
 from services.vision_encoder.batching import EncodeBatcher
 from services.vision_encoder.engine import (
@@ -66,11 +67,7 @@ from services.vision_encoder.grpc_server import EncoderGrpcServer, GrpcServerSet
 from services.vision_encoder.redis_cache import (
     DEFAULT_CHUNK_BYTES as DEFAULT_REDIS_CHUNK_BYTES,
 )
-from services.vision_encoder.redis_cache import (
-    DEFAULT_SOCKET_TIMEOUT_S,
-    DEFAULT_TTL_S,
-    make_cache,
-)
+from services.vision_encoder.redis_cache import make_cache
 from services.vision_encoder.transport import (
     DEFAULT_CHUNK_BYTES,
     EncodeResult,

@@ -63,7 +63,7 @@ class EncodeResult:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor (no copy when it is contiguous)."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def image_info(image: EncodedImage) -> pb.EncodedImageInfo:

@@ -24,7 +24,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -107,7 +107,7 @@ class AsyncEngine:
         self.observer = observer
         self._lock = threading.Condition()
         self._inbox: list[_Live] = []
-        self._aborts: list[tuple[_Live, list[int] | None]] = []  # (request, its seqs or all of them)
+        self._aborts: list[tuple[_Live | None, list[int] | None]] = []  # (request, its seqs or all of them)
         self._live: dict[int, _Live] = {}  # seq id -> request state
         self._error: BaseException | None = None
         self._stopping = False
@@ -135,7 +135,7 @@ class AsyncEngine:
         with self._lock:
             return len(self._inbox) + self._stats.num_running + self._stats.num_waiting
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs; the last has `finished` set. Closing the stream aborts it."""
         self.check_health()
         params = self._resolve(request.params)

@@ -154,7 +154,7 @@ def _apply_penalties(
     rep = [j for j, p in enumerate(row_params) if p.repetition_penalty != 1.0]
     if rep:  # a seen token (prompt or output) once: logit > 0 is divided by r, else multiplied
         keys = _flat_keys([(j, prompts[j]) for j in rep] + [(j, outputs[j]) for j in rep], vocab)
-        keys = keys.to(dev).unique()
+        keys = torch.unique(keys.to(dev))
         by_row = torch.tensor([p.repetition_penalty for p in row_params], dtype=work.dtype, device=dev)
         r = by_row[keys // vocab]
         seen = flat[keys]
@@ -163,7 +163,7 @@ def _apply_penalties(
     freq = [j for j, p in enumerate(row_params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
     if freq:  # subtract f * count(token in output) + p * [token in output]
         keys = _flat_keys([(j, outputs[j]) for j in freq], vocab)
-        keys, counts = keys.to(dev).unique(return_counts=True)
+        keys, counts = torch.unique(keys.to(dev), return_counts=True)
         row = keys // vocab
         f = torch.tensor([p.frequency_penalty for p in row_params], dtype=work.dtype, device=dev)[row]
         p = torch.tensor([p.presence_penalty for p in row_params], dtype=work.dtype, device=dev)[row]
@@ -242,23 +242,23 @@ def _logprobs(
 ) -> list[TokenLogprobs | None]:
     """Logprobs from the raw logits (before penalties and temperature), for rows that ask."""
     out: list[TokenLogprobs | None] = [None] * len(params)
-    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if not rows:
+    wanted = [(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None]  # (row, k)
+    if not wanted:
         return out
+    rows = [i for i, _ in wanted]
     dev = logits.device
     src = logits if len(rows) == len(params) else logits.index_select(0, torch.tensor(rows, device=dev))
     logp = torch.log_softmax(src, dim=-1)  # [R, V]
     del src
     chosen = torch.tensor([token_ids[i] for i in rows], device=dev)
     chosen_lp = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-    n = max(params[i].logprobs for i in rows)  # one batched top-n for every row
+    n = max(k for _, k in wanted)  # one batched top-n for every row
     top_lp: list[list[float]] = [[] for _ in rows]
     top_ids: list[list[int]] = [[] for _ in rows]
     if n > 0:
         values, indices = logp.topk(n, dim=-1)
         top_lp, top_ids = values.tolist(), indices.tolist()
-    for j, i in enumerate(rows):
-        k = params[i].logprobs
+    for j, (i, k) in enumerate(wanted):
         out[i] = TokenLogprobs(
             token_ids[i], chosen_lp[j], tuple(zip(top_ids[j][:k], top_lp[j][:k], strict=True))
         )

@@ -307,7 +307,7 @@ def start_group(settings: EPSettings, checkpoint_dir: str, dtype: str, device: s
     group = placement_group(bundles, strategy=settings.placement_strategy, bundle_label_selector=selectors)
     ray.get(group.ready(), timeout=600)
     actor = ray.remote(EPRankWorker)
-    workers = [
+    workers: list[Any] = [  # actor handles: their methods have `.remote`
         actor.options(
             num_cpus=settings.cpus_per_rank, num_gpus=gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r),

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from services.common.errors import CheckpointError
-from services.decoder.model.moe import FusedExperts
+from services.decoder.model.decoder import DecoderForCausalLM, DecoderLayer
+from services.decoder.model.moe import FusedExperts, MoE
 
 Placement = tuple[tuple[int, ...], ...]  # per rank, the routed experts it holds (hot ones may be on several)
 
@@ -268,26 +269,28 @@ def _copies(placement: Placement, num_experts: int, rank: int) -> tuple[torch.Te
             held[e].append((r, i))
     width = max(len(h) for h in held)
     padded = [h + [h[0]] * (width - len(h)) for h in held]
-    host = {"device": "cpu", "dtype": torch.int64}  # cpu even under a meta-device context
-    ranks = torch.tensor([[r for r, _ in h] for h in padded], **host)
-    local = torch.tensor([[i for _, i in h] for h in padded], **host)
-    count = torch.tensor([len(h) for h in held], **host)
-    here = torch.tensor([next((i for r, i in h if r == rank), -1) for h in held], **host)
+
+    def host(data: list[int] | list[list[int]]) -> torch.Tensor:  # cpu even under a meta-device context
+        return torch.tensor(data, device="cpu", dtype=torch.int64)
+
+    ranks = host([[r for r, _ in h] for h in padded])
+    local = host([[i for _, i in h] for h in padded])
+    count = host([len(h) for h in held])
+    here = host([next((i for r, i in h if r == rank), -1) for h in held])
     return ranks, local, count, here
 
 
-def shard_experts(model: nn.Module, ctx: EPContext) -> nn.Module:
+def shard_experts(model: DecoderForCausalLM, ctx: EPContext) -> DecoderForCausalLM:
     """Replace every MoE layer's `experts` of a model built on the meta device with this rank's
     `ShardedExperts` (a transform applied before loading, so only owned experts are read)."""
-    from services.decoder.model.moe import MoE
-
     for layer, block in enumerate(model.model.layers):
-        if isinstance(block.mlp, MoE):
-            shard_moe(block.mlp, ctx, layer)
+        mlp = cast(DecoderLayer, block).mlp
+        if isinstance(mlp, MoE):
+            shard_moe(mlp, ctx, layer)
     return model
 
 
-def shard_moe(module: nn.Module, ctx: EPContext, layer: int | None = None) -> None:
+def shard_moe(module: MoE, ctx: EPContext, layer: int | None = None) -> None:
     """Replace one MoE block's `experts` with this rank's `ShardedExperts` for `layer`, on the
     experts' device and in their dtype."""
     full = module.experts
@@ -299,10 +302,7 @@ def shard_moe(module: nn.Module, ctx: EPContext, layer: int | None = None) -> No
     module.experts = sharded.to(full.w13.dtype)
 
 
-def sharded_layers(model: nn.Module) -> list[tuple[int, ShardedExperts]]:
+def sharded_layers(model: DecoderForCausalLM) -> list[tuple[int, ShardedExperts]]:
     """(layer index, experts) of every MoE layer of a sharded model, in forward order."""
-    return [
-        (i, block.mlp.experts)
-        for i, block in enumerate(model.model.layers)
-        if isinstance(getattr(block.mlp, "experts", None), ShardedExperts)
-    ]
+    experts = [getattr(cast(DecoderLayer, block).mlp, "experts", None) for block in model.model.layers]
+    return [(i, e) for i, e in enumerate(experts) if isinstance(e, ShardedExperts)]

@@ -24,10 +24,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
-from services.decoder.model.decoder import DecoderForCausalLM
+from services.decoder.model.decoder import DecoderForCausalLM, DecoderLayer
 from services.decoder.model.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class DecodeRunner:
         self._resolved: str | None = None  # the mode in use, fixed at the first call
         self._compiled: _CompiledStep | None = None
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool: object = None  # one CUDA graph memory pool for all buckets
+        self._pool: torch.cuda._POOL_HANDLE | None = None  # one CUDA graph memory pool for all buckets
 
     def __call__(
         self, input_ids: torch.Tensor, attn: AttentionMetadata, kv_cache: PagedKVCache
@@ -107,7 +108,8 @@ class DecodeRunner:
         mode = self._mode(input_ids.device)
         bucket = next((s for s in self.buckets if s >= b), None)
         if mode == "eager" or bucket is None or (bucket != b and self.scratch_slot is None):
-            return self.model(input_ids, attn.positions, attn, kv_cache)
+            hidden: torch.Tensor = self.model(input_ids, attn.positions, attn, kv_cache)
+            return hidden
         padded = self._pad(input_ids, attn, bucket)
         if self._compiled is not None:
             out = self._compiled(padded, _TracedCache(kv_cache))
@@ -129,7 +131,7 @@ class DecodeRunner:
             if mode != "eager":
                 # what a capture cannot make: the absorbed MLA weights (keyed on data_ptr)
                 for layer in self.model.model.layers:
-                    layer.self_attn._absorbed_weights()
+                    cast(DecoderLayer, layer).self_attn._absorbed_weights()
             self._resolved = mode
         return self._resolved
 
@@ -146,6 +148,7 @@ class DecodeRunner:
             tables = wide
         ids, positions, slots, ctx = input_ids, attn.positions, attn.slot_mapping, attn.context_lens_tensor
         if pad:
+            assert self.scratch_slot is not None  # __call__ runs a partial bucket eagerly without one
             ids = torch.cat([ids, ids.new_zeros(pad)])
             positions = torch.cat([positions, positions.new_zeros(pad)])
             slots = torch.cat([slots, slots.new_full((pad,), self.scratch_slot)])
@@ -168,7 +171,8 @@ class DecodeRunner:
         """What is captured: embed -> decoder layers -> final norm, rope given. -> [Bp, H]."""
         h = self.model.embed(padded.input_ids)
         rope = (padded.cos, padded.sin)
-        return self.model.model(h, padded.attn.positions, padded.attn, kv_cache, rope=rope)
+        hidden: torch.Tensor = self.model.model(h, padded.attn.positions, padded.attn, kv_cache, rope=rope)
+        return hidden
 
     def _graph_step(self, padded: _Padded, kv_cache: PagedKVCache) -> torch.Tensor:
         key = (padded.input_ids.shape[0], padded.attn.block_tables.shape[1])
@@ -231,7 +235,9 @@ class _Graph:
         self.graph, self.static, self.out, self.cache_data = graph, static, out, cache_data
 
     @classmethod
-    def capture(cls, step: _Step, padded: _Padded, kv_cache: PagedKVCache, pool: object) -> _Graph:
+    def capture(
+        cls, step: _Step, padded: _Padded, kv_cache: PagedKVCache, pool: torch.cuda._POOL_HANDLE | None
+    ) -> _Graph:
         a = padded.attn
         attn = AttentionMetadata(
             query_lens=a.query_lens,
@@ -246,7 +252,7 @@ class _Graph:
         static = _Padded(padded.input_ids.clone(), padded.cos.clone(), padded.sin.clone(), attn)
         # one eager run on a side stream first (lazy inits, Triton JIT); it writes the same
         # latents the replay rewrites
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch: Stream.__new__ is unannotated
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             step(static, kv_cache)

@@ -41,7 +41,8 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """h [T, H] -> [T, H]."""
         h = h + self.self_attn(self.input_layernorm(h), rope, attn, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        mlp_out: torch.Tensor = self.mlp(self.post_attention_layernorm(h))
+        return h + mlp_out
 
 
 class DecoderModel(nn.Module):
@@ -69,7 +70,8 @@ class DecoderModel(nn.Module):
             rope = self.rotary(positions, h.dtype, max_len=attn.max_context_len)
         for layer in self.layers:
             h = layer(h, rope, attn, kv_cache)
-        return self.norm(h)
+        out: torch.Tensor = self.norm(h)
+        return out
 
 
 class DecoderForCausalLM(nn.Module):
@@ -86,13 +88,14 @@ class DecoderForCausalLM(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DecoderForCausalLM:
         # `to_empty` / device moves make new Parameters one by one, which unties shared ones
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch: Module._apply is unannotated
         self._tie()
         return self
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> [T, H]."""
-        return self.model.embed_tokens(input_ids)
+        embeds: torch.Tensor = self.model.embed_tokens(input_ids)
+        return embeds
 
     def forward(
         self,
@@ -106,11 +109,16 @@ class DecoderForCausalLM(nn.Module):
 
         Writes the tokens' latents into `kv_cache` at `attn.slot_mapping` in every layer.
         """
-        if (input_ids is None) == (inputs_embeds is None):
+        if input_ids is not None and inputs_embeds is None:
+            h = self.embed(input_ids)
+        elif input_ids is None and inputs_embeds is not None:
+            h = inputs_embeds
+        else:
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        return self.model(h, positions, attn, kv_cache)
+        hidden: torch.Tensor = self.model(h, positions, attn, kv_cache)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] -> logits [T, V] float32."""
-        return self.lm_head(hidden).float()
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits.float()

@@ -54,4 +54,6 @@ def export_hf_decoder(checkpoint_dir: str | Path, out_dir: str | Path, *, eos: b
 def load_hf_decoder(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     from transformers import DeepseekV3ForCausalLM
 
-    return DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    model = DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    model.eval()  # type: ignore[no-untyped-call]  # transformers: PreTrainedModel.eval is unannotated
+    return model

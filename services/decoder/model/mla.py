@@ -51,13 +51,14 @@ class MLAttention(nn.Module):
         self.v_dim, self.kv_lora_rank = cfg.v_head_dim, cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
         h, nh, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
-        self.q_lora = cfg.q_lora_rank is not None
-        if not self.q_lora:
+        q_rank = cfg.q_lora_rank
+        self.q_lora = q_rank is not None
+        if q_rank is None:
             self.q_proj = nn.Linear(h, nh * cfg.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, bias=False)
+            self.q_a_proj = nn.Linear(h, q_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(q_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(q_rank, nh * cfg.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, cfg.latent_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
@@ -74,8 +75,8 @@ class MLAttention(nn.Module):
     ) -> torch.Tensor:
         """x [T, H]; rope = (cos, sin) [T, rope_dim] of the tokens' positions -> [T, H]."""
         q = self._query(x).view(x.shape[0], self.num_heads, -1)  # [T, nH, nope+rope]
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_nope, q_pe = torch.split(q, [self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_pe = torch.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, *rope)  # [T, nH, rope]
         latents = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe, *rope)], dim=-1)  # [T, D]
         kv_cache.write(self.layer_idx, attn.slot_mapping, latents)
@@ -92,12 +93,14 @@ class MLAttention(nn.Module):
                     self._prefill_expanded(q_nope[d:], q_pe[d:], attn, kv_cache, first_seq=d),
                 ]
             )
-        return self.o_proj(out.flatten(1))  # [T, nH·v] -> [T, H]
+        projected: torch.Tensor = self.o_proj(out.flatten(1))  # [T, nH·v] -> [T, H]
+        return projected
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.q_lora:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q: torch.Tensor = (
+            self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        )
+        return q
 
     def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj's halves in the layouts the decode matmuls read: W_uk [nH, nope, R] and
@@ -139,9 +142,9 @@ class MLAttention(nn.Module):
         for b, (q_len, ctx) in enumerate(seqs, start=first_seq):
             latents = kv_cache.gather(self.layer_idx, attn.block_tables[b : b + 1], ctx)[0]  # [C, D]
             latents = latents.to(q.dtype)
-            c_kv, k_pe = latents.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            c_kv, k_pe = torch.split(latents, [self.kv_lora_rank, self.rope_dim], dim=-1)
             kv = self.kv_b_proj(c_kv).view(ctx, self.num_heads, -1)  # [C, nH, nope+v]
-            k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+            k_nope, v = torch.split(kv, [self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
             # query i sits at position ctx - q_len + i and sees keys 0 ..= that position
             q_pos = torch.arange(ctx - q_len, ctx, device=q.device)

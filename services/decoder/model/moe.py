@@ -30,7 +30,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
 
 
 def select_experts(
@@ -146,5 +147,5 @@ class MoE(nn.Module):
         """x [T, H] -> [T, H]."""
         # route → experts → combine: x ─gate→ [T,E] ─select_experts→ w,ids [T,K] ─experts→ Σ w·E(x) +shared(x)
         topk_weights, topk_ids = select_experts(self.gate(x), self.gate.e_score_correction_bias, self.cfg)
-        out = self.experts(x, topk_weights, topk_ids)
+        out: torch.Tensor = self.experts(x, topk_weights, topk_ids)
         return out if self.shared_experts is None else out + self.shared_experts(x)

@@ -42,7 +42,9 @@ def yarn_inv_freq(dim: int, theta: float, rs: RopeScaling) -> torch.Tensor:
     with a linear ramp between the dims turning beta_fast and beta_slow times over the original
     context. float32 [dim/2]."""
     low = math.floor(_yarn_correction_dim(rs.beta_fast, dim, theta, rs.original_max_position_embeddings))
-    high = math.ceil(_yarn_correction_dim(rs.beta_slow, dim, theta, rs.original_max_position_embeddings))
+    high: float = math.ceil(
+        _yarn_correction_dim(rs.beta_slow, dim, theta, rs.original_max_position_embeddings)
+    )
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid 0/0 in the ramp

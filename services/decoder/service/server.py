@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -213,7 +213,7 @@ class DecoderServer:
 
     async def generate(
         self, request: pb.GenerateRequest, request_id: str = ""
-    ) -> AsyncIterator[chat_pb2.ChatResponse]:
+    ) -> AsyncGenerator[chat_pb2.ChatResponse, None]:
         """Handle method (`stream=True`): the response stream; errors raise as the project's own."""
         self._start_reporter()
         self.engine.check_health()
