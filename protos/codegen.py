@@ -1,7 +1,7 @@
 """Regenerate the Python gRPC code of the `.proto` files under `protos/kimi_vl/`.
 
-    python -m protos.generate            # rewrite the committed files in place
-    python -m protos.generate --out DIR  # write them under DIR instead (tests compare the two)
+    python -m protos.codegen            # rewrite the committed files in place
+    python -m protos.codegen --out DIR  # write them under DIR instead (tests compare the two)
 
 protoc runs from the repository root with `-I .`, so `protos/kimi_vl/v1/x.proto` becomes the module
 `protos.kimi_vl.v1.x_pb2` (+ `x_pb2_grpc`, `x_pb2.pyi`) and imports between protos become package
