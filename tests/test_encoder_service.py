@@ -339,6 +339,8 @@ def test_serve_config_is_valid_and_builds(checkpoint):
     assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
     args = {**app.args, "checkpoint_dir": str(checkpoint), "device": "cpu", "dtype": "float32"}
     assert type(build_app(args)).__name__ == "Application"  # the YAML's settings parse
+    deployment = build_app({**args, "num_cpus": 3})._bound_deployment
+    assert deployment.init_args[0].num_threads == 3  # CPU replicas run num_cpus torch threads
     own = EncoderSettings.from_args(args).grpc_server  # off loopback, so authenticated: by env only
     assert own.host == "node" and own.token_env and own.token is None
 

@@ -107,14 +107,17 @@ def build_app(args: Mapping[str, Any]) -> Application:
         "encoder": encoder.resolved_device().startswith("cuda"),
         "decoder": decoder.resolved_device().startswith("cuda"),
     }
+    # on CPU a stage's torch threads default to the CPUs its replica reserves
     decoder_opts = opts(decoder_server.DEPLOYMENT_NAME, _gpu_options(on_cuda["decoder"]))
     if not on_cuda["decoder"] and decoder.num_threads is None:
         cpus = decoder_opts.get("ray_actor_options", {}).get("num_cpus", decoder_server.DEFAULT_NUM_CPUS)
         decoder = replace(decoder, num_threads=max(1, int(cpus)))
+    encoder_opts = opts(encoder_server.DEPLOYMENT_NAME, _gpu_options(on_cuda["encoder"]))
+    if not on_cuda["encoder"] and encoder.num_threads is None:
+        cpus = encoder_opts.get("ray_actor_options", {}).get("num_cpus", encoder_server.DEFAULT_NUM_CPUS)
+        encoder = replace(encoder, num_threads=max(1, int(cpus)))
 
-    encoder_app = encoder_server.EncoderDeployment.options(
-        **opts(encoder_server.DEPLOYMENT_NAME, _gpu_options(on_cuda["encoder"]))
-    ).bind(encoder)
+    encoder_app = encoder_server.EncoderDeployment.options(**encoder_opts).bind(encoder)
     decoder_app = decoder_server.DecoderDeployment.options(**decoder_opts).bind(decoder)
     preprocess_app = PreprocessDeployment.options(**opts(preprocess_server.DEPLOYMENT_NAME)).bind(
         preprocess, encoder_app, encoder_token_env=token_env

@@ -27,6 +27,7 @@ import yaml
 
 from services.common.errors import InvalidInputError
 from services.common.grpc_proxy import PIPELINE_SERVICER_FUNCTIONS
+from services.common.threads import SPIN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[
         section = dict(out.get(stage) or {})
         if args.device:
             section["device"] = args.device
+        # one machine: the encoder and the decoder may each use every core while the other waits
+        # (their idle OpenMP threads sleep after a short spin: threads.SPIN_ENV, in the placement)
+        section.setdefault("num_threads", num_cpus)
         out[stage] = section
     encoder = out["encoder"]
     grpc_server = {**dict(encoder.get("grpc_server") or {}), "host": "127.0.0.1"}
@@ -103,8 +107,9 @@ def _config_args(path: str) -> dict[str, Any]:
 
 
 def _local_placement(config: dict[str, Any], num_cpus: int) -> dict[str, Any]:
-    """One replica of each stage on this machine. Only the decoder reserves CPUs (its torch
-    threads); the others share what is left. A config's autoscaling is kept, its resources not."""
+    """One replica of each stage on this machine. Only the decoder reserves CPUs (for Ray's
+    accounting; its torch threads and the encoder's are `num_threads`). A config's autoscaling is
+    kept, its resources not."""
     out: dict[str, Any] = {}
     # one replica as autoscaling between 1 and 1: the key a config's own autoscaling replaces below
     for name in ("ChatIngress", "PreprocessServer", "VisionEncoderServer", "DecoderServer"):
@@ -118,6 +123,8 @@ def _local_placement(config: dict[str, Any], num_cpus: int) -> dict[str, Any]:
                 "autoscaling_config": scaling,
             }
     out["DecoderServer"]["ray_actor_options"]["num_cpus"] = max(1, num_cpus - 1) if num_cpus > 1 else 1
+    for options in out.values():
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(SPIN_ENV)}
     return out
 
 

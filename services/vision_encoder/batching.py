@@ -7,6 +7,7 @@ wait, then runs in a worker thread so the event loop keeps accepting requests.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from services.common.errors import InvalidInputError
@@ -24,7 +25,7 @@ class _Pending:
 
 
 class EncodeBatcher:
-    """Merges concurrent `encode` calls into one engine call, run in a worker thread.
+    """Merges concurrent `encode` calls into one engine call, run in a worker thread (`executor`'s).
 
     A batch closes when it holds `max_batch_size` requests, when the next request would take it
     past `max_batch_patches` patches (a single larger request runs alone), or `batch_wait_timeout_s`
@@ -39,6 +40,7 @@ class EncodeBatcher:
         max_batch_size: int,
         max_batch_patches: int,
         batch_wait_timeout_s: float,
+        executor: Executor | None = None,
     ) -> None:
         if max_batch_size < 1 or max_batch_patches < 1 or batch_wait_timeout_s < 0:
             raise InvalidInputError("batching limits must be positive")
@@ -46,6 +48,7 @@ class EncodeBatcher:
         self.max_batch_size = max_batch_size
         self.max_batch_patches = max_batch_patches
         self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.executor = executor  # where engine calls run (None: the loop's default executor)
         self.batches = 0  # engine calls made
         self.batched_requests = 0
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -93,7 +96,8 @@ class EncodeBatcher:
         self.batches += 1
         self.batched_requests += len(batch)
         try:
-            encoded = await asyncio.to_thread(self.engine.encode, flat)
+            loop = asyncio.get_running_loop()
+            encoded = await loop.run_in_executor(self.executor, self.engine.encode, flat)
         except Exception as e:  # the whole call failed: every caller in it hears why
             for p in batch:
                 if not p.future.done():

@@ -36,7 +36,8 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from services.common.grpc_status import set_error_status
 from services.common.metrics import TotalCounters, report_every
 from services.common.redis_client import DEFAULT_SOCKET_TIMEOUT_S, DEFAULT_TTL_S
 from services.common.settings import check_dtype_name, known_fields
+from services.common.threads import thread_initializer
 from services.vision_encoder.batching import EncodeBatcher
 from services.vision_encoder.engine import (
     DEFAULT_MAX_BATCH_PATCHES,
@@ -125,6 +127,7 @@ class EncoderSettings:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # stream piece size through Serve's proxy
     trust_content_hashes: bool = True  # False: keys come from the patches themselves (see below)
     metrics_interval_s: float = 1.0  # the kimi_vl_encoder_* counters follow the engine's this often
+    num_threads: int | None = None  # torch CPU threads of the compute thread (build_app: num_cpus on CPU)
     cache: CacheSettings = field(default_factory=CacheSettings)
     grpc_server: GrpcServerSettings = field(default_factory=GrpcServerSettings)  # the replica's own
 
@@ -223,11 +226,18 @@ class VisionEncoderServer:
     def __init__(self, settings: EncoderSettings, engine: EncoderEngine | None = None) -> None:
         self.settings = settings
         self.engine = engine or build_engine(settings)
+        # one compute thread: engine calls are serialised anyway, and its torch thread count is its own
+        self._compute = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="encoder-compute",
+            initializer=thread_initializer(settings.num_threads),
+        )
         self.batcher = EncodeBatcher(
             self.engine,
             max_batch_size=settings.max_batch_size,
             max_batch_patches=settings.max_batch_patches,
             batch_wait_timeout_s=settings.batch_wait_timeout_s,
+            executor=self._compute,
         )
         self.grpc_server: EncoderGrpcServer | None = None
         self._grpc_started: asyncio.Task[None] | None = None
@@ -345,6 +355,7 @@ class VisionEncoderServer:
         server, self.grpc_server = self.grpc_server, None
         if server is not None:
             await server.stop(grace_s)
+        self._compute.shutdown(wait=False)
 
     def __del__(self) -> None:
         """Serve calls this on the replica's loop as the replica stops: stop the gRPC server too.
@@ -389,7 +400,10 @@ def build_app(args: dict[str, Any]) -> Application:
     if "max_ongoing_requests" in args:
         options["max_ongoing_requests"] = int(args.pop("max_ongoing_requests"))
     settings = EncoderSettings.from_args(args)
+    on_cuda = settings.resolved_device().startswith("cuda")
     if num_gpus == "auto":
-        num_gpus = 1 if settings.resolved_device().startswith("cuda") else 0
+        num_gpus = 1 if on_cuda else 0
+    if not on_cuda and settings.num_threads is None:
+        settings = replace(settings, num_threads=max(1, int(num_cpus)))
     options["ray_actor_options"] = {"num_cpus": num_cpus, "num_gpus": float(num_gpus)}
     return EncoderDeployment.options(**options).bind(settings)

@@ -24,7 +24,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -98,6 +98,7 @@ class AsyncEngine:
         split_reasoning: bool = False,
         max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
         observer: EngineObserver | None = None,
+        thread_init: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -105,6 +106,7 @@ class AsyncEngine:
         self.split_reasoning = split_reasoning
         self.max_waiting_requests = max_waiting_requests
         self.observer = observer
+        self._thread_init = thread_init  # run first in the step thread (its torch thread count)
         self._lock = threading.Condition()
         self._inbox: list[_Live] = []
         self._aborts: list[tuple[_Live | None, list[int] | None]] = []  # (request, its seqs or all of them)
@@ -255,6 +257,8 @@ class AsyncEngine:
     # --- the step thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._thread_init is not None:
+            self._thread_init()
         try:
             while True:
                 with self._lock:

@@ -49,6 +49,7 @@ from services.common.errors import InvalidInputError
 from services.common.grpc_status import set_error_status
 from services.common.redis_client import DEFAULT_SOCKET_TIMEOUT_S
 from services.common.settings import check_dtype_name, known_fields
+from services.common.threads import thread_initializer
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine.async_engine import (
     DEFAULT_MAX_WAITING_REQUESTS,
@@ -167,6 +168,7 @@ def load_engine(
         split_reasoning=bool(split),
         max_waiting_requests=settings.max_waiting_requests,
         observer=observer,
+        thread_init=thread_initializer(settings.num_threads),
     )
 
 
