@@ -18,6 +18,7 @@ from triton_kernels.combine import moe_combine, moe_combine_ref
 from triton_kernels.fused_experts import (
     block_m_for,
     fused_experts,
+    fused_experts_grouped,
     fused_experts_ref,
     grouped_gemm,
     grouped_gemm_ref,
@@ -137,3 +138,21 @@ def test_cuda_release_shapes(t: int, dtype: torch.dtype) -> None:
     ref = fused_experts_ref(hidden, w13, w2, weights, ids)
     tol = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}[dtype]
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(("t", "e", "k"), [(0, 5, 1), (1, 5, 3), (7, 9, 2), (33, 64, 6), (130, 3, 3)])
+def test_cpu_grouped_path_equals_the_reference(t: int, e: int, k: int) -> None:
+    """The CPU path on odd sizes: experts with no rows, one row, or most of them; an empty batch
+    (an idle expert-parallel rank); weights as views with NaN past their ends (16-byte strides, so
+    the grouped GEMMs run) and with odd strides (the reference runs)."""
+    hidden, w13, w2, weights, ids = _problem(t, e=e, k=k, h=48, i=24, seed=t + e)
+    want = fused_experts_ref(hidden, w13, w2, weights, ids)
+    for pad in (4, 3):
+        padded = _nan_padded(w13, pad), _nan_padded(w2, pad)
+        got = fused_experts_grouped(hidden, *padded, weights, ids)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for dtype in (torch.bfloat16, torch.float16):  # rounded where the reference rounds: close, not loose
+        args = (hidden.to(dtype), w13.to(dtype), w2.to(dtype), weights, ids)
+        low = fused_experts_grouped(*args)
+        assert low.dtype == dtype
+        torch.testing.assert_close(low.float(), fused_experts_ref(*args).float(), rtol=2e-2, atol=2e-2)

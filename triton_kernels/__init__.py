@@ -10,7 +10,13 @@ between the two paths; see `_backend`.
 from triton_kernels._backend import BACKEND_ENV, BACKENDS, HAVE_TRITON, moe_backend, use_kernels
 from triton_kernels.align import MoEAlignment, moe_align, moe_align_ref
 from triton_kernels.combine import moe_combine, moe_combine_ref
-from triton_kernels.fused_experts import fused_experts, fused_experts_ref, grouped_gemm, grouped_gemm_ref
+from triton_kernels.fused_experts import (
+    fused_experts,
+    fused_experts_grouped,
+    fused_experts_ref,
+    grouped_gemm,
+    grouped_gemm_ref,
+)
 from triton_kernels.routing import grouped_topk, grouped_topk_ref
 
 __all__ = [
@@ -19,6 +25,7 @@ __all__ = [
     "HAVE_TRITON",
     "MoEAlignment",
     "fused_experts",
+    "fused_experts_grouped",
     "fused_experts_ref",
     "grouped_gemm",
     "grouped_gemm_ref",

@@ -10,9 +10,11 @@ tile n and writes the rows back in flat (token, slot) order. Blocks past
 Python loop over experts. Accumulation is fp32; act and expert_out are stored in the input dtype
 (where the reference loop rounds too), the combine weighs and sums in fp32.
 
-`fused_experts_ref` is the readable reference (the decoder's original per-expert loop) and what
-the CPU path runs; `grouped_gemm_ref` is the reference of one GEMM launch. Knows nothing about
-routing, checkpoints or parallelism.
+`fused_experts_ref` is the readable reference (the decoder's original per-expert loop);
+`fused_experts_grouped` is what the CPU path runs: the same per-expert GEMMs issued as one
+`torch._grouped_mm` per projection over the expert-sorted rows, so each active expert's weights
+stream once per call with no Python loop over experts. `grouped_gemm_ref` is the reference of one
+GEMM launch. Knows nothing about routing, checkpoints or parallelism.
 """
 
 from __future__ import annotations
@@ -299,6 +301,42 @@ def fused_experts_ref(
         ye = F.linear(F.silu(gate) * up, w2[e])  # [n, H]
         out.index_add_(0, tokens, ye.float() * weight_of[start : start + n, None])
         start += n
+    return out.to(hidden.dtype)
+
+
+def _aligned(x: torch.Tensor) -> bool:
+    """Every stride but the unit one a multiple of 16 bytes (what `_grouped_mm` requires)."""
+    return all(s == 1 or (s * x.element_size()) % 16 == 0 for s in x.stride())
+
+
+def fused_experts_grouped(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """The CPU path of `fused_experts_ref`: same arguments, shapes, dtypes and rounding points.
+
+    The (token, slot) pairs are sorted by expert; `offs` [E] int32 ends each expert's rows, so an
+    expert with no tokens is an empty group. Gate/up and down are one grouped GEMM each over those
+    rows ([T·K, H] x [E, H, 2I] and [T·K, I] x [E, I, H], the weights as transposed views: no
+    copy), the combine weighs in fp32 and sums with one index_add. Where this torch has no
+    `_grouped_mm`, or an operand's strides are not the 16-byte multiples it needs (odd test
+    shapes; every Kimi-VL width is), the reference runs.
+    """
+    _check_experts(hidden, w13, w2, topk_weights, topk_ids)
+    if not hasattr(torch, "_grouped_mm") or not all(map(_aligned, (hidden, w13, w2))):
+        return fused_experts_ref(hidden, w13, w2, topk_weights, topk_ids)
+    k = topk_ids.shape[1]
+    flat_ids, order = topk_ids.flatten().long().sort(stable=True)  # [T·K], grouped by expert
+    token_of = order // k  # [T·K] source token of each (token, slot) pair
+    offs = torch.bincount(flat_ids, minlength=w13.shape[0]).cumsum(0).to(torch.int32)  # [E]
+    rows = hidden.index_select(0, token_of)  # [T·K, H]
+    gate, up = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [T·K, I] each
+    expert_out = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # [T·K, H]
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [T, H]
+    out.index_add_(0, token_of, expert_out.float() * topk_weights.flatten()[order, None])
     return out.to(hidden.dtype)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from services.common.config import TextConfig
 from services.common.errors import CheckpointError
-from triton_kernels import fused_experts, fused_experts_ref, grouped_topk, grouped_topk_ref, use_kernels
+from triton_kernels import fused_experts, fused_experts_grouped, grouped_topk, grouped_topk_ref, use_kernels
 
 
 class MLP(nn.Module):
@@ -72,18 +72,18 @@ class MoEGate(nn.Module):
         return F.linear(x.float(), self.weight.float())
 
 
-# The reference loops over the experts that received tokens (`.tolist()`): traced by
-# torch.compile it would be unrolled and specialised on the routing itself (a recompile per step),
-# or split the graph at every MoE layer. As a custom op it is one opaque node of a captured step.
-@torch.library.custom_op("kimi_vl::fused_experts_ref", mutates_args=())
-def fused_experts_ref_op(
+# The CPU path's groups depend on the routing itself: traced by torch.compile they would specialise
+# the graph on it (a recompile per step) or split it at every MoE layer. As a custom op it is one
+# opaque node of a captured step.
+@torch.library.custom_op("kimi_vl::fused_experts_grouped", mutates_args=())
+def fused_experts_cpu_op(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
-    """`fused_experts_ref` as an operator: x [T, H], topk_weights [T, K] fp32, topk_ids [T, K] -> [T, H]."""
-    return fused_experts_ref(x, w13, w2, topk_weights, topk_ids)
+    """`fused_experts_grouped` as an operator: x [T, H], topk_weights/ids [T, K] (fp32/int) -> [T, H]."""
+    return fused_experts_grouped(x, w13, w2, topk_weights, topk_ids)
 
 
-@fused_experts_ref_op.register_fake
+@fused_experts_cpu_op.register_fake
 def _(x: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
@@ -130,7 +130,7 @@ class FusedExperts(nn.Module):
 
         The weighted sum is accumulated in fp32 and cast once on both paths.
         """
-        run = fused_experts if use_kernels(x) else fused_experts_ref_op
+        run = fused_experts if use_kernels(x) else fused_experts_cpu_op
         return run(x, self.w13, self.w2, topk_weights, topk_ids)
 
 
