@@ -205,3 +205,29 @@ def test_logprobs_and_n_completions_stream(model, tokenizer) -> None:
         assert len(ids) == 5 and [lp.token_id for lp in lps] == ids
         assert all(len(lp.top) == 2 for lp in lps)
     assert outs[-1].cached_tokens == 0 and outs[-1].completion_tokens == 10
+
+
+def test_a_consumer_that_falls_behind_gets_fewer_larger_outputs(model, tokenizer) -> None:
+    prompt = _prompt(tokenizer, "Tell me a story about a lighthouse.")
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=1)
+
+    async def main(delay_s: float) -> list[RequestOutput]:
+        front = _front(model, tokenizer)
+        try:
+            outputs = []
+            async for out in front.generate(GenerationRequest("r", prompt, params)):
+                outputs.append(out)
+                time.sleep(delay_s)  # a busy event loop: the step thread runs ahead meanwhile
+            return outputs
+        finally:
+            await front.shutdown()
+
+    kept_up = asyncio.run(main(0.0))
+    outputs = asyncio.run(main(0.05))
+    ids = [t for o in outputs for d in o.outputs for t in d.token_ids]
+    assert ids == _offline(model, prompt, params)  # every token, in order, each once
+    assert len(outputs) < len(ids)  # several steps' tokens per output once it fell behind
+    assert all(len(d.logprobs) == len(d.token_ids) for o in outputs for d in o.outputs)
+    text = "".join(d.text for o in outputs for d in o.outputs)
+    assert text == "".join(d.text for o in kept_up for d in o.outputs)
+    assert outputs[-1].finished and outputs[-1].completion_tokens == 24

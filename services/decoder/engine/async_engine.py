@@ -88,6 +88,26 @@ class _Live:
     cancelled: bool = False  # the consumer left; set under the front's lock
 
 
+def _drain(
+    first: list[StepOutput] | BaseException, queue: asyncio.Queue[list[StepOutput] | BaseException]
+) -> tuple[list[StepOutput], BaseException | None]:
+    """The steps' outputs waiting for one request, as one list (and an error queued behind them).
+
+    A consumer that fell behind (a busy event loop, a slow client) then sends one message with every
+    token since its last one instead of one per step, so the cost per token of the hops downstream
+    falls as the load rises; a consumer that keeps up still gets one message per step.
+    """
+    if isinstance(first, BaseException):
+        return [], first
+    outputs = list(first)
+    while not queue.empty():
+        item = queue.get_nowait()
+        if isinstance(item, BaseException):
+            return outputs, item
+        outputs.extend(item)
+    return outputs, None
+
+
 class AsyncEngine:
     def __init__(
         self,
@@ -150,11 +170,14 @@ class AsyncEngine:
         split = self.split_reasoning if request.split_reasoning is None else request.split_reasoning
         choices: list[_Choice] | None = None
         prompt_tokens, cached, done = len(request.prompt_ids), 0, False
+        error: BaseException | None = None
         try:
             while not done:
-                item = await live.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+                if error is not None:
+                    raise error
+                item, error = _drain(await live.queue.get(), live.queue)
+                if not item and error is not None:
+                    raise error
                 if choices is None:
                     choices = [
                         _Choice(i, seq_id, self._text(params, split)) for i, seq_id in enumerate(live.seq_ids)
