@@ -153,7 +153,7 @@ class DecodeRunner:
             positions = torch.cat([positions, positions.new_zeros(pad)])
             slots = torch.cat([slots, slots.new_full((pad,), self.scratch_slot)])
             ctx = torch.cat([ctx, ctx.new_ones(pad)])
-        dtype = self.model.lm_head.weight.dtype
+        dtype = self.model.model.embed_tokens.weight.dtype
         cos, sin = self.model.model.rotary(positions, dtype, max_len=attn.max_context_len)
         padded = AttentionMetadata(
             query_lens=(1,) * bucket,
