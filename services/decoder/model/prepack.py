@@ -4,8 +4,9 @@ applied to a loaded model (as expert sharding is), not woven into the layers.
 Decode multiplies a few activation rows by every weight matrix. For 2-16 rows, MKL's GEMM behind
 `F.linear` re-lays the weights out on every call and reads them at a third to a half of the rate a
 plain read gets; a weight laid out once for oneDNN (`mkldnn._reorder_linear_weight`) and used by
-`mkldnn._linear_pointwise` reads at close to it (BENCHMARKS.md, "Dense projections"). In bf16 it
-is faster at every row count. The packed weight replaces the original (no second copy).
+`mkldnn._linear_pointwise` reads at close to it (BENCHMARKS.md, "Dense projections"). For one row
+MKL's GEMV is the faster of the two, so the original weight is kept for that case: the dense
+projections' weights are held twice (for the release, about 1B parameters of its 16B).
 
 Left as they are: `kv_b_proj` (the absorbed decode reads its weight directly), an `lm_head` tied
 to the embeddings, the router (fp32, tiny) and the routed experts (one grouped GEMM per
@@ -15,6 +16,7 @@ projection, `fused_experts_grouped`). Knows nothing about engines or serving.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 KEEP = ("kv_b_proj",)  # modules whose `.weight` other code reads
@@ -51,18 +53,20 @@ def _(
 
 
 class PrepackedLinear(nn.Module):
-    """`nn.Linear`'s forward over a oneDNN-packed weight: x [..., in] -> [..., out], same dtype."""
+    """`nn.Linear`'s forward, over a oneDNN-packed copy of the weight for more than one row:
+    x [..., in] -> [..., out], same dtype."""
 
     def __init__(self, linear: nn.Linear, batch_hint: int = BATCH_HINT) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        self.weight_dtype = weight.dtype
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self.weight = linear.weight  # one row: MKL's GEMV
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
         self.register_buffer("packed_weight", packed, persistent=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features:
+            return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():  # traced: the opaque operator
             traced: torch.Tensor = packed_linear(x, self.packed_weight, self.bias, self.out_features)
             return traced
