@@ -44,9 +44,6 @@ def _step_bytes(model: torch.nn.Module, engine: LLMEngine) -> int:
     for name, p in model.named_parameters():
         if ".experts." not in name:
             total += p.numel() * p.element_size()
-    for buf_name, b in model.named_buffers():
-        if "packed_weight" in buf_name:
-            total += b.numel() * b.element_size()
     picked: list[set[int]] = []
     hooks = []
     for module in model.modules():
