@@ -19,6 +19,13 @@ from collections.abc import Callable
 SPIN_ENV = {"GOMP_SPINCOUNT": "20000"}
 
 
+def stage_threads(num_threads: int | None, num_cpus: float, on_cuda: bool) -> int | None:
+    """A stage's torch threads: what its settings say, else on CPU the CPUs its replica reserves."""
+    if num_threads is not None or on_cuda:
+        return num_threads
+    return max(1, int(num_cpus))
+
+
 def thread_initializer(num_threads: int | None) -> Callable[[], None]:
     """A callable that sets torch's intra-op threads for the thread that calls it (None: leave)."""
 

@@ -21,6 +21,7 @@ from ray.serve import Application
 
 from services.common.errors import InvalidInputError
 from services.common.settings import known_fields
+from services.common.threads import stage_threads
 from services.decoder.service import server as decoder_server
 from services.decoder.service.server import DecoderSettings
 from services.pipeline.ingress import DEPLOYMENT_NAME as INGRESS_NAME
@@ -109,13 +110,11 @@ def build_app(args: Mapping[str, Any]) -> Application:
     }
     # on CPU a stage's torch threads default to the CPUs its replica reserves
     decoder_opts = opts(decoder_server.DEPLOYMENT_NAME, _gpu_options(on_cuda["decoder"]))
-    if not on_cuda["decoder"] and decoder.num_threads is None:
-        cpus = decoder_opts.get("ray_actor_options", {}).get("num_cpus", decoder_server.DEFAULT_NUM_CPUS)
-        decoder = replace(decoder, num_threads=max(1, int(cpus)))
+    cpus = decoder_opts.get("ray_actor_options", {}).get("num_cpus", decoder_server.DEFAULT_NUM_CPUS)
+    decoder = replace(decoder, num_threads=stage_threads(decoder.num_threads, cpus, on_cuda["decoder"]))
     encoder_opts = opts(encoder_server.DEPLOYMENT_NAME, _gpu_options(on_cuda["encoder"]))
-    if not on_cuda["encoder"] and encoder.num_threads is None:
-        cpus = encoder_opts.get("ray_actor_options", {}).get("num_cpus", encoder_server.DEFAULT_NUM_CPUS)
-        encoder = replace(encoder, num_threads=max(1, int(cpus)))
+    cpus = encoder_opts.get("ray_actor_options", {}).get("num_cpus", encoder_server.DEFAULT_NUM_CPUS)
+    encoder = replace(encoder, num_threads=stage_threads(encoder.num_threads, cpus, on_cuda["encoder"]))
 
     encoder_app = encoder_server.EncoderDeployment.options(**encoder_opts).bind(encoder)
     decoder_app = decoder_server.DecoderDeployment.options(**decoder_opts).bind(decoder)

@@ -54,7 +54,7 @@ from services.common.grpc_status import set_error_status
 from services.common.metrics import TotalCounters, report_every
 from services.common.redis_client import DEFAULT_SOCKET_TIMEOUT_S, DEFAULT_TTL_S
 from services.common.settings import check_dtype_name, known_fields
-from services.common.threads import thread_initializer
+from services.common.threads import stage_threads, thread_initializer
 from services.vision_encoder.batching import EncodeBatcher
 from services.vision_encoder.engine import (
     DEFAULT_MAX_BATCH_PATCHES,
@@ -403,7 +403,6 @@ def build_app(args: dict[str, Any]) -> Application:
     on_cuda = settings.resolved_device().startswith("cuda")
     if num_gpus == "auto":
         num_gpus = 1 if on_cuda else 0
-    if not on_cuda and settings.num_threads is None:
-        settings = replace(settings, num_threads=max(1, int(num_cpus)))
+    settings = replace(settings, num_threads=stage_threads(settings.num_threads, num_cpus, on_cuda))
     options["ray_actor_options"] = {"num_cpus": num_cpus, "num_gpus": float(num_gpus)}
     return EncoderDeployment.options(**options).bind(settings)

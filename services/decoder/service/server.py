@@ -49,7 +49,7 @@ from services.common.errors import InvalidInputError
 from services.common.grpc_status import set_error_status
 from services.common.redis_client import DEFAULT_SOCKET_TIMEOUT_S
 from services.common.settings import check_dtype_name, known_fields
-from services.common.threads import thread_initializer
+from services.common.threads import stage_threads, thread_initializer
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine.async_engine import (
     DEFAULT_MAX_WAITING_REQUESTS,
@@ -336,7 +336,6 @@ def build_app(args: Mapping[str, Any]) -> Application:
     on_cuda = settings.resolved_device().startswith("cuda")
     if num_gpus == "auto":
         num_gpus = 1 if on_cuda else 0
-    if not on_cuda and settings.num_threads is None:
-        settings = replace(settings, num_threads=max(1, int(num_cpus)))
+    settings = replace(settings, num_threads=stage_threads(settings.num_threads, num_cpus, on_cuda))
     options["ray_actor_options"] = {"num_cpus": num_cpus, "num_gpus": float(num_gpus)}
     return DecoderDeployment.options(**options).bind(settings)
