@@ -156,3 +156,15 @@ def test_cpu_grouped_path_equals_the_reference(t: int, e: int, k: int) -> None:
         low = fused_experts_grouped(*args)
         assert low.dtype == dtype
         torch.testing.assert_close(low.float(), fused_experts_ref(*args).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(("e", "k", "h", "i"), [(5, 3, 48, 24), (64, 6, 2048, 1408), (9, 2, 40, 13)])
+def test_cpu_one_bf16_token_path_equals_the_reference(e: int, k: int, h: int, i: int) -> None:
+    """Batch-1 bf16 decode takes per-expert GEMVs: the reference's value to bf16 rounding, on
+    contiguous weights and on row-strided views with NaN past their ends."""
+    hidden, w13, w2, weights, ids = _problem(1, e=e, k=k, h=h, i=i, seed=e + h, dtype=torch.bfloat16)
+    want = fused_experts_ref(hidden, w13, w2, weights, ids)
+    for experts in ((w13, w2), (_nan_padded(w13, 3), _nan_padded(w2, 5))):
+        got = fused_experts_grouped(hidden, *experts, weights, ids)
+        assert got.dtype == torch.bfloat16 and got.shape == (1, h)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -33,6 +33,18 @@ def test_a_packed_projection_equals_linear(rows: int, dtype: torch.dtype) -> Non
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(72,), (1, 72), (1, 1, 72)])
+def test_one_row_takes_the_gemv_and_keeps_its_shape(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    linear = nn.Linear(72, 136, bias=True).to(dtype)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    want = linear(x)
+    got = PrepackedLinear(linear)(x)
+    assert got.shape == want.shape == (*shape[:-1], 136) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
 def test_the_transform_keeps_what_other_code_reads_and_the_greedy_ids(ckpt) -> None:
     plain = load_text_model(ckpt, torch.float32)
     packed = load_text_model(ckpt, torch.float32)

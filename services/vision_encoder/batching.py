@@ -11,6 +11,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from services.common.errors import InvalidInputError
+from services.common.threads import ComputeThreads
 from services.vision_encoder.engine import EncodedImage, EncoderEngine, ImageToEncode
 
 
@@ -41,6 +42,7 @@ class EncodeBatcher:
         max_batch_patches: int,
         batch_wait_timeout_s: float,
         executor: Executor | None = None,
+        threads: ComputeThreads | None = None,
     ) -> None:
         if max_batch_size < 1 or max_batch_patches < 1 or batch_wait_timeout_s < 0:
             raise InvalidInputError("batching limits must be positive")
@@ -49,6 +51,7 @@ class EncodeBatcher:
         self.max_batch_patches = max_batch_patches
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.executor = executor  # where engine calls run (None: the loop's default executor)
+        self.threads = threads  # marks those calls busy on the machine's core board
         self.batches = 0  # engine calls made
         self.batched_requests = 0
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -91,13 +94,19 @@ class EncodeBatcher:
             patches += nxt.patches
         return batch, None
 
+    def _encode(self, images: list[ImageToEncode]) -> list[EncodedImage]:
+        if self.threads is None:
+            return self.engine.encode(images)
+        with self.threads.computing():
+            return self.engine.encode(images)
+
     async def _execute(self, batch: list[_Pending]) -> None:
         flat = [image for p in batch for image in p.images]
         self.batches += 1
         self.batched_requests += len(batch)
         try:
             loop = asyncio.get_running_loop()
-            encoded = await loop.run_in_executor(self.executor, self.engine.encode, flat)
+            encoded = await loop.run_in_executor(self.executor, self._encode, flat)
         except Exception as e:  # the whole call failed: every caller in it hears why
             for p in batch:
                 if not p.future.done():

@@ -54,7 +54,7 @@ from services.common.grpc_status import set_error_status
 from services.common.metrics import TotalCounters, report_every
 from services.common.redis_client import DEFAULT_SOCKET_TIMEOUT_S, DEFAULT_TTL_S
 from services.common.settings import check_dtype_name, known_fields
-from services.common.threads import stage_threads, thread_initializer
+from services.common.threads import compute_threads, stage_threads
 from services.vision_encoder.batching import EncodeBatcher
 from services.vision_encoder.engine import (
     DEFAULT_MAX_BATCH_PATCHES,
@@ -66,6 +66,7 @@ from services.vision_encoder.engine import (
     split_packed,
 )
 from services.vision_encoder.grpc_server import EncoderGrpcServer, GrpcServerSettings
+from services.vision_encoder.moonvit import EncoderBlock
 from services.vision_encoder.redis_cache import (
     DEFAULT_CHUNK_BYTES as DEFAULT_REDIS_CHUNK_BYTES,
 )
@@ -128,6 +129,8 @@ class EncoderSettings:
     trust_content_hashes: bool = True  # False: keys come from the patches themselves (see below)
     metrics_interval_s: float = 1.0  # the kimi_vl_encoder_* counters follow the engine's this often
     num_threads: int | None = None  # torch CPU threads of the compute thread (build_app: num_cpus on CPU)
+    # on CPU, split the cores with this machine's other busy compute stages (common/threads.py)
+    share_cores: bool = True
     cache: CacheSettings = field(default_factory=CacheSettings)
     grpc_server: GrpcServerSettings = field(default_factory=GrpcServerSettings)  # the replica's own
 
@@ -226,14 +229,22 @@ class VisionEncoderServer:
     def __init__(self, settings: EncoderSettings, engine: EncoderEngine | None = None) -> None:
         self.settings = settings
         self.engine = engine or build_engine(settings)
-        # one compute thread: engine calls are serialised anyway, and its torch thread count is its own
-        self._compute = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="encoder-compute",
-            initializer=thread_initializer(settings.num_threads),
+        # one compute thread: engine calls are serialised anyway, and its torch thread count is its
+        # own, split with the machine's other busy stages at each block (a long pass frees or takes
+        # up cores as the decoder's steps start and stop)
+        self._threads = compute_threads(
+            settings.num_threads, settings.share_cores, settings.resolved_device().startswith("cuda")
         )
+        self._compute = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="encoder-compute", initializer=self._threads.init
+        )
+        if self._threads.share is not None:
+            for module in self.engine.encoder.modules():
+                if isinstance(module, EncoderBlock):
+                    module.register_forward_pre_hook(lambda *_: self._threads.refresh())
         self.batcher = EncodeBatcher(
             self.engine,
+            threads=self._threads,
             max_batch_size=settings.max_batch_size,
             max_batch_patches=settings.max_batch_patches,
             batch_wait_timeout_s=settings.batch_wait_timeout_s,
@@ -356,6 +367,7 @@ class VisionEncoderServer:
         if server is not None:
             await server.stop(grace_s)
         self._compute.shutdown(wait=False)
+        self._threads.close()
 
     def __del__(self) -> None:
         """Serve calls this on the replica's loop as the replica stops: stop the gRPC server too.

@@ -24,7 +24,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -36,6 +37,7 @@ from services.common.errors import (
     KimiVLError,
     UpstreamUnavailableError,
 )
+from services.common.threads import ComputeThreads
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine.core import EngineCore, EngineStats, MediaSpan, StepOutput
 from services.decoder.engine.output_text import OutputText
@@ -118,7 +120,7 @@ class AsyncEngine:
         split_reasoning: bool = False,
         max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
         observer: EngineObserver | None = None,
-        thread_init: Callable[[], None] | None = None,
+        threads: ComputeThreads | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -126,7 +128,7 @@ class AsyncEngine:
         self.split_reasoning = split_reasoning
         self.max_waiting_requests = max_waiting_requests
         self.observer = observer
-        self._thread_init = thread_init  # run first in the step thread (its torch thread count)
+        self._threads = threads  # the step thread's torch threads (set in it, split with co-located stages)
         self._lock = threading.Condition()
         self._inbox: list[_Live] = []
         self._aborts: list[tuple[_Live | None, list[int] | None]] = []  # (request, its seqs or all of them)
@@ -269,6 +271,8 @@ class AsyncEngine:
             self._lock.notify()
         await asyncio.to_thread(self._join)
         self.engine.shutdown()
+        if self._threads is not None:
+            self._threads.close()
 
     def _join(self) -> None:
         with self._lock:
@@ -280,8 +284,8 @@ class AsyncEngine:
     # --- the step thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self._thread_init is not None:
-            self._thread_init()
+        if self._threads is not None:
+            self._threads.init()
         try:
             while True:
                 with self._lock:
@@ -296,7 +300,9 @@ class AsyncEngine:
                     self._add(live)
                 self._expire_deadlines()
                 if self.engine.has_unfinished():
-                    self._deliver(self.engine.step())
+                    with self._threads.computing() if self._threads else nullcontext():
+                        outputs = self.engine.step()
+                    self._deliver(outputs)
                 self._stats = self.engine.stats()
         except BaseException as e:  # the loop is dead: tell every open request, then stop
             logger.exception("the engine step loop died")

@@ -5,8 +5,8 @@ Decode multiplies a few activation rows by every weight matrix. For 2-16 rows, M
 `F.linear` re-lays the weights out on every call and reads them at a third to a half of the rate a
 plain read gets; a weight laid out once for oneDNN (`mkldnn._reorder_linear_weight`) and used by
 `mkldnn._linear_pointwise` reads at close to it (BENCHMARKS.md, "Dense projections"). For one row
-MKL's GEMV is the faster of the two, so the original weight is kept for that case: the dense
-projections' weights are held twice (for the release, about 1B parameters of its 16B).
+MKL's GEMV (bf16: `torch.mv`) is the faster, so the original weight is kept for that case: the
+dense projections' weights are held twice (for the release, about 1B parameters of its 16B).
 
 Left as they are: `kv_b_proj` (the absorbed decode reads its weight directly), an `lm_head` tied
 to the embeddings, the router (fp32, tiny) and the routed experts (one grouped GEMM per
@@ -52,6 +52,18 @@ def _(
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` for a single row x [..., in] (numel == in) by the fastest kernel for its dtype:
+    in bf16 `torch.mv` over the [out, in] weight (a GEMV that streams the rows with fp32
+    accumulation: 25-27 GB/s where `F.linear` reads 17-22, BENCHMARKS.md), else MKL's GEMV."""
+    if weight.dtype != torch.bfloat16:
+        return F.linear(x, weight, bias)
+    out = torch.mv(weight, x.reshape(-1))
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class PrepackedLinear(nn.Module):
     """`nn.Linear`'s forward, over a oneDNN-packed copy of the weight for more than one row:
     x [..., in] -> [..., out], same dtype."""
@@ -66,7 +78,7 @@ class PrepackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features:
-            return F.linear(x, self.weight, self.bias)
+            return one_row_linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():  # traced: the opaque operator
             traced: torch.Tensor = packed_linear(x, self.packed_weight, self.bias, self.out_features)
             return traced

@@ -49,7 +49,7 @@ from services.common.errors import InvalidInputError
 from services.common.grpc_status import set_error_status
 from services.common.redis_client import DEFAULT_SOCKET_TIMEOUT_S
 from services.common.settings import check_dtype_name, known_fields
-from services.common.threads import stage_threads, thread_initializer
+from services.common.threads import compute_threads, stage_threads
 from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine.async_engine import (
     DEFAULT_MAX_WAITING_REQUESTS,
@@ -101,6 +101,8 @@ class DecoderSettings:
     split_reasoning: str | bool = "auto"  # auto: on for Thinking checkpoints (chat template or config.json)
     cache: EmbeddingCacheSettings = field(default_factory=EmbeddingCacheSettings)
     num_threads: int | None = None  # torch CPU threads (build_app: num_cpus on CPU)
+    # on CPU, split the cores with this machine's other busy compute stages (common/threads.py)
+    share_cores: bool = True
     metrics_interval_s: float = 1.0
     enable_fault_injection: bool = False  # tests only: allows the inject_fault handle method
     # Read segments that name an `encoder_endpoint` from that encoder replica (Encoder/Fetch): the
@@ -168,7 +170,9 @@ def load_engine(
         split_reasoning=bool(split),
         max_waiting_requests=settings.max_waiting_requests,
         observer=observer,
-        thread_init=thread_initializer(settings.num_threads),
+        threads=compute_threads(
+            settings.num_threads, settings.share_cores and settings.ep.size == 1, device.startswith("cuda")
+        ),
     )
 
 
