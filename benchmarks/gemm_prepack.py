@@ -4,9 +4,11 @@ Decode multiplies M = 1..64 rows by [11264, 2048] weights (the dense MLP's gate/
 eight such weights (740 MB fp32, more than the caches hold, as a decode step does), it reports
 each variant's weight-read rate: `F.linear` (MKL, the weight as stored), `x @ W.T` with the
 transpose stored contiguous, and `mkldnn._linear_pointwise` over a weight laid out once by
-`mkldnn._reorder_linear_weight` (what `services/decoder/model/prepack.py` does). Usage:
+`mkldnn._reorder_linear_weight` (what `services/decoder/model/prepack.py` does), and for one row
+`torch.mv` (the GEMV `prepack.one_row_linear` takes in bf16). Usage:
 
     python benchmarks/gemm_prepack.py --dtype float32
+    python benchmarks/gemm_prepack.py --dtype bfloat16 --shape 2048 1408
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-N, K = 11264, 2048
 
 
 def _rate(run: Callable[[int], object], count: int, nbytes: int, rounds: int = 3) -> float:
@@ -55,17 +55,26 @@ def main() -> None:
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
+    parser.add_argument("--shape", type=int, nargs=2, default=[11264, 2048], metavar=("OUT", "IN"))
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    weights = [torch.randn(N, K).to(dtype) for _ in range(8)]
+    n, k = args.shape
+    count = max(8, (600 << 20) // (n * k * torch.empty((), dtype=dtype).element_size()))  # past the caches
+    weights = [torch.randn(n, k).to(dtype) for _ in range(count)]
     transposed = [w.t().contiguous() for w in weights]
-    nbytes = N * K * weights[0].element_size()
-    print(f"threads {torch.get_num_threads()}, dtype {dtype}; weight-read rate, GB/s")
+    nbytes = n * k * weights[0].element_size()
+    print(f"threads {torch.get_num_threads()}, dtype {dtype}, weight [{n}, {k}]; weight-read rate, GB/s")
     for m in args.rows:
-        linear, plain_t, onednn = _rates(torch.randn(m, K).to(dtype), weights, transposed, nbytes)
-        print(
+        x = torch.randn(m, k).to(dtype)
+        linear, plain_t, onednn = _rates(x, weights, transposed, nbytes)
+        line = (
             f"M={m:3d}: F.linear {linear:5.1f}  x @ W.T (contiguous) {plain_t:5.1f}  prepacked {onednn:5.1f}"
         )
+        if m == 1:
+            row = x[0]
+            gemv = _rate(lambda i, row=row: torch.mv(weights[i], row), len(weights), nbytes)
+            line += f"  torch.mv {gemv:5.1f}"
+        print(line)
 
 
 if __name__ == "__main__":
