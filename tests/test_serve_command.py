@@ -92,6 +92,8 @@ def test_serve_demo_api_key_and_sigterm(tmp_path):
         assert get(f"http://127.0.0.1:{http}/v1/models", KEY) == 200
         started = descendants(proc.pid)
         assert started, "the command started no processes"
+        replicas = [p for p in started if _cmdline(Path(f"/proc/{p}")).startswith("ray::ServeReplica")]
+        assert replicas and all(os.getpriority(os.PRIO_PROCESS, p) == 0 for p in replicas)  # not Ray's 15
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, "".join(lines)
     finally:

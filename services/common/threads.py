@@ -16,6 +16,12 @@ and takes `threads // busy` threads, re-read at each decode step and each encode
 (`GOMP_SPINCOUNT`, ~20 µs) and then sleeps, so a stage that is waiting does not take cores from
 one that is computing, while back-to-back ops inside a step still find their threads awake
 (measured in BENCHMARKS.md: the default spin is no faster, a passive wait is 24% slower at batch 1).
+
+`WORKER_NICENESS_ENV` is what a Ray node serving this pipeline starts with. Ray starts its workers,
+every replica among them, at nice 15, while its own daemons (GCS, raylet, agents) run at 0: each
+wakeup of a daemon then preempts a compute thread at once, and a preempted OpenMP thread stalls its
+whole team at the next barrier. An unprivileged process cannot lower its nice value back, so it
+has to be set where the node starts (`kimi-vl serve` does; a cluster sets it on `ray start`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SPIN_ENV = {"GOMP_SPINCOUNT": "20000"}
+WORKER_NICENESS_ENV = {"RAY_worker_niceness": "0"}  # read by the raylet when the node starts
 
 
 def stage_threads(num_threads: int | None, num_cpus: float, on_cuda: bool) -> int | None:

@@ -27,7 +27,7 @@ import yaml
 
 from services.common.errors import InvalidInputError
 from services.common.grpc_proxy import PIPELINE_SERVICER_FUNCTIONS
-from services.common.threads import SPIN_ENV
+from services.common.threads import SPIN_ENV, WORKER_NICENESS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,8 @@ def wait_healthy(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds 127.0.0.1
+    for name, value in WORKER_NICENESS_ENV.items():  # replicas at nice 0, as Ray's daemons (threads.py)
+        os.environ.setdefault(name, value)
     checkpoint = _ensure_checkpoint(args.checkpoint)
     num_cpus = args.num_cpus or os.cpu_count() or 1
     settings = app_args(args, checkpoint, num_cpus)
