@@ -1,7 +1,8 @@
 """Small-batch GEMMs at the decoder's dense MLP shape: `F.linear` vs a oneDNN-prepacked weight.
 
-Decode multiplies M = 1..64 rows by [11264, 2048] weights (the dense MLP's gate/up). Cycling over
-eight such weights (740 MB fp32, more than the caches hold, as a decode step does), it reports
+Decode multiplies M = 1..64 rows by [11264, 2048] weights (the dense MLP's gate/up; `--shape` for
+others). Cycling over at least eight such weights and at least 600 MiB (740 MB at the default fp32
+shape, more than the caches hold, as a decode step does), it reports
 each variant's weight-read rate: `F.linear` (MKL, the weight as stored), `x @ W.T` with the
 transpose stored contiguous, and `mkldnn._linear_pointwise` over a weight laid out once by
 `mkldnn._reorder_linear_weight` (what `services/decoder/model/prepack.py` does), and for one row
@@ -59,10 +60,10 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     n, k = args.shape
-    count = max(8, (600 << 20) // (n * k * torch.empty((), dtype=dtype).element_size()))  # past the caches
+    nbytes = n * k * torch.empty((), dtype=dtype).element_size()
+    count = max(8, (600 << 20) // nbytes)  # past the caches
     weights = [torch.randn(n, k).to(dtype) for _ in range(count)]
     transposed = [w.t().contiguous() for w in weights]
-    nbytes = n * k * weights[0].element_size()
     print(f"threads {torch.get_num_threads()}, dtype {dtype}, weight [{n}, {k}]; weight-read rate, GB/s")
     for m in args.rows:
         x = torch.randn(m, k).to(dtype)
