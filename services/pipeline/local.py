@@ -28,13 +28,14 @@ import yaml
 from services.common.errors import InvalidInputError
 from services.common.grpc_proxy import PIPELINE_SERVICER_FUNCTIONS
 from services.common.threads import SPIN_ENV, WORKER_NICENESS_ENV
+from services.pipeline.replicas import STAGE_DEPLOYMENTS, StageShare, describe, parse_replicas, split_cpus
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "kimi-vl"
 DEFAULT_CHECKPOINT = Path("checkpoints") / "tiny"
 READY_TIMEOUT_S = 600.0
-ONE_REPLICA = {"min_replicas": 1, "max_replicas": 1}
+ONE_REPLICA = {"min_replicas": 1, "max_replicas": 1}  # for callers placing stages themselves (tests)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,6 +56,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--device", default=None, help="encoder and decoder device: auto, cpu, cuda")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks of the decoder (default 1)")
+    p.add_argument(
+        "--replicas",
+        default=None,
+        metavar="STAGE=N[,STAGE=N...]",
+        help="replicas of ingress, preprocess, encoder, decoder on this machine (default: 1 each); "
+        "the CPUs are split between them",
+    )
     p.add_argument("--demo", action="store_true", help="run a sample conversation against the server")
     p.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is done (tests)")
     p.add_argument("--ray-temp-dir", default=None, help="Ray's session folder root (default: Ray's)")
@@ -65,6 +73,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[str, Any]:
     """`build_app`'s args: the config file's (if any), then the flags, then local placement."""
     config = _config_args(args.config) if args.config else {}
+    shares = stage_shares(args, num_cpus)
     out: dict[str, Any] = dict(config.get("args") or {})
     out["checkpoint_dir"] = str(checkpoint)
     out["redis_url"] = args.redis
@@ -79,20 +88,25 @@ def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[
         if args.device:
             section["device"] = args.device
         # one machine: the encoder and the decoder may each use every core while the other waits
-        # (their idle OpenMP threads sleep after a short spin: threads.SPIN_ENV, in the placement)
-        section.setdefault("num_threads", num_cpus)
+        # (their idle OpenMP threads sleep after a short spin: threads.SPIN_ENV, in the placement);
+        # several replicas of a stage divide its cores (replicas.split_cpus)
+        section.setdefault("num_threads", shares[stage].torch_threads)
         out[stage] = section
     encoder = out["encoder"]
     grpc_server = {**dict(encoder.get("grpc_server") or {}), "host": "127.0.0.1"}
     grpc_server.pop("token_env", None)  # loopback: no token needed
     encoder["grpc_server"] = grpc_server
-    out["deployment_options"] = _local_placement(config, num_cpus)
+    out["deployment_options"] = _local_placement(config, shares, fixed=set(parse_replicas(args.replicas)))
     if args.ep > 1:  # the ranks take the decoder's CPUs; the replica itself only steps them
         out["decoder"]["ep"] = {**dict(out["decoder"].get("ep") or {}), "size": args.ep,
-                                "cpus_per_rank": max(num_cpus - 1, 1) / args.ep}  # fmt: skip
+                                "cpus_per_rank": shares["decoder"].rank_cpus}  # fmt: skip
         out["decoder"]["num_threads"] = 1
-        out["deployment_options"]["DecoderServer"]["ray_actor_options"]["num_cpus"] = 0
     return out
+
+
+def stage_shares(args: argparse.Namespace, num_cpus: int) -> dict[str, StageShare]:
+    """What each stage gets on this machine, from `--replicas` and `--ep`."""
+    return split_cpus(num_cpus, parse_replicas(args.replicas), ep=args.ep)
 
 
 def _config_args(path: str) -> dict[str, Any]:
@@ -106,25 +120,30 @@ def _config_args(path: str) -> dict[str, Any]:
     raise InvalidInputError(f"{path} has no application with import_path services.pipeline:build_app")
 
 
-def _local_placement(config: dict[str, Any], num_cpus: int) -> dict[str, Any]:
-    """One replica of each stage on this machine. Only the decoder reserves CPUs (for Ray's
-    accounting; its torch threads and the encoder's are `num_threads`). A config's autoscaling is
-    kept, its resources not."""
+def _local_placement(
+    config: dict[str, Any], shares: dict[str, StageShare], fixed: set[str]
+) -> dict[str, Any]:
+    """Each stage's replicas and CPUs on this machine (`replicas.split_cpus`). A stage named in
+    `--replicas` (`fixed`) runs exactly that many; any other keeps a config's autoscaling, started
+    at one replica, or runs one. A config's resources are never kept: they describe a cluster."""
+    # a fixed count is autoscaling between N and N, not num_replicas: Serve 2.60 cancels gRPC
+    # streams only for autoscaled deployments
     out: dict[str, Any] = {}
-    # one replica as autoscaling between 1 and 1: the key a config's own autoscaling replaces below
-    for name in ("ChatIngress", "PreprocessServer", "VisionEncoderServer", "DecoderServer"):
-        out[name] = {"ray_actor_options": {"num_cpus": 0, "num_gpus": 0}, "autoscaling_config": ONE_REPLICA}
-    for entry in config.get("deployments") or []:
-        if entry.get("name") in out and entry.get("autoscaling_config"):
-            scaling = dict(entry["autoscaling_config"])
-            scaling["min_replicas"] = min(int(scaling.get("min_replicas", 1)), 1)
-            out[entry["name"]] = {
-                "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
-                "autoscaling_config": scaling,
-            }
-    out["DecoderServer"]["ray_actor_options"]["num_cpus"] = max(1, num_cpus - 1) if num_cpus > 1 else 1
-    for options in out.values():
-        options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(SPIN_ENV)}
+    scaling = {
+        entry.get("name"): entry.get("autoscaling_config") for entry in config.get("deployments") or []
+    }
+    for stage, name in STAGE_DEPLOYMENTS.items():
+        share = shares[stage]
+        if stage in fixed or not scaling.get(name):
+            autoscaling = {"min_replicas": share.replicas, "max_replicas": share.replicas}
+        else:
+            autoscaling = dict(scaling[name])
+            autoscaling["min_replicas"] = min(int(autoscaling.get("min_replicas", 1)), 1)
+        out[name] = {
+            "ray_actor_options": {"num_cpus": share.num_cpus, "num_gpus": 0,
+                                  "runtime_env": {"env_vars": dict(SPIN_ENV)}},
+            "autoscaling_config": autoscaling,
+        }  # fmt: skip
     return out
 
 
@@ -168,9 +187,11 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds 127.0.0.1
     for name, value in WORKER_NICENESS_ENV.items():  # replicas at nice 0, as Ray's daemons (threads.py)
         os.environ.setdefault(name, value)
-    checkpoint = _ensure_checkpoint(args.checkpoint)
     num_cpus = args.num_cpus or os.cpu_count() or 1
+    shares = stage_shares(args, num_cpus)  # a bad --replicas is refused before anything is written
+    checkpoint = _ensure_checkpoint(args.checkpoint)
     settings = app_args(args, checkpoint, num_cpus)
+    _say(f"placement on {describe(shares, num_cpus)}")
     if not args.redis:
         _say("no --redis: embeddings and media manifests are cached in process (per replica)")
 
@@ -184,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     ray.init(**init, log_to_driver=False)
     _install_signal_handlers(stop)  # after ray.init, which installs its own SIGTERM handler (abort)
     try:
-        _serve(args, settings, checkpoint, stop)
+        _serve(args, settings, checkpoint, stop, shares)
     except KeyboardInterrupt:
         pass  # a signal: stop cleanly below
     finally:
@@ -197,7 +218,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(
-    args: argparse.Namespace, settings: dict[str, Any], checkpoint: Path, stop: threading.Event
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    checkpoint: Path,
+    stop: threading.Event,
+    shares: dict[str, StageShare],
 ) -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -212,8 +237,14 @@ def _serve(
     http_url = f"http://127.0.0.1:{args.http_port}"
     wait_healthy(http_url)
     model = settings.get("served_model_name") or checkpoint.resolve().name
-    print(json.dumps({"status": "ready", "openai_base_url": f"{http_url}/v1", "grpc_target":
-                      f"127.0.0.1:{args.grpc_port}", "model": model}), flush=True)  # fmt: skip
+    ready = {
+        "status": "ready",
+        "openai_base_url": f"{http_url}/v1",
+        "grpc_target": f"127.0.0.1:{args.grpc_port}",
+        "model": model,
+        "stages": {stage: share.as_dict() for stage, share in shares.items()},  # what each stage got
+    }
+    print(json.dumps(ready), flush=True)
     if args.demo:
         from services.pipeline.demo import run_demo
 

@@ -1,0 +1,145 @@
+"""`kimi-vl serve --replicas` as a user runs it: a subprocess with its own local Ray, several
+replicas of every stage (three decoders) on two CPUs, and no Redis, so a decoder reads embeddings
+from whichever encoder replica made them. Concurrent requests spread over the decoder replicas
+must give the offline path's greedy ids, then SIGTERM must leave no process behind."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from PIL import Image
+from test_pipeline_e2e import image_part, png, user
+from test_serve_command import _cmdline, alive, descendants
+
+from services.common.checkpoint import write_checkpoint
+from services.decoder.engine.params import SamplingParams
+from services.offline import OfflinePipeline
+
+pytest_plugins = ["services_fixtures"]
+from services_fixtures import free_port  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+REPLICAS = {"ingress": 2, "preprocess": 2, "encoder": 2, "decoder": 3}
+MAX_TOKENS = 8
+
+
+def requests() -> list[tuple[str, bytes | None]]:
+    """Twelve distinct questions, half of them about an image of their own."""
+    return [(f"Question {i}: what do you see?", png(300 + i) if i % 2 else None) for i in range(12)]
+
+
+def offline_answers(checkpoint: Path) -> list[list[int]]:
+    offline = OfflinePipeline(checkpoint, dtype=torch.float32)
+    answers = []
+    for text, image in requests():
+        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+        pictures = [Image.open(io.BytesIO(image))] if image else []
+        result = offline.generate(
+            [{"role": "user", "content": content}],
+            pictures,
+            SamplingParams(max_new_tokens=MAX_TOKENS, ignore_eos=True),
+        )
+        answers.append(result.token_ids)
+    return answers
+
+
+def served_answer(client: openai.OpenAI, text: str, image: bytes | None) -> list[int]:
+    parts = [image_part(image), text] if image else [text]
+    response = client.chat.completions.create(
+        model="replicas-tiny", messages=[user(*parts)], max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )  # fmt: skip
+    return response.choices[0].model_extra["token_ids"]
+
+
+def decoder_replicas_that_served(http: int) -> dict[str, float]:
+    """Serve's own per-replica request counter for the decoder, from the merged /metrics page."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=30).read().decode()
+    counts: dict[str, float] = {}
+    for labels, value in re.findall(r"^ray_serve_deployment_request_counter_total\{([^}]*)\} (\S+)$",
+                                    body, re.MULTILINE):  # fmt: skip
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if tags.get("deployment") == "DecoderServer":
+            counts[tags["replica"]] = counts.get(tags["replica"], 0.0) + float(value)
+    return counts
+
+
+def test_three_decoder_replicas_give_the_offline_ids(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "replicas-tiny", dtype=torch.float32)
+    expected = offline_answers(checkpoint)
+    http, grpc_port = free_port(), free_port()
+    temp_dir = f"/tmp/kvl-{uuid.uuid4().hex[:8]}"
+    flag = ",".join(f"{stage}={n}" for stage, n in REPLICAS.items())
+    argv = [sys.executable, "-m", "services.cli", "serve", "--checkpoint", str(checkpoint), "--http-port",
+            str(http), "--grpc-port", str(grpc_port), "--num-cpus", "2", "--replicas", flag,
+            "--ray-temp-dir", temp_dir]  # fmt: skip
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 600
+        while not any(line.startswith('{"status": "ready"') for line in lines):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.5)
+        ready = json.loads(next(line for line in lines if line.startswith('{"status": "ready"')))
+        stages = ready["stages"]
+        assert {stage: s["replicas"] for stage, s in stages.items()} == REPLICAS
+        assert stages["decoder"] == {"replicas": 3, "num_cpus": 0.3333, "torch_threads": 1}
+        assert stages["encoder"] == {"replicas": 2, "num_cpus": 0.5, "torch_threads": 1}
+        assert any("placement on 2 CPUs: ingress 2x 0 CPU" in line for line in lines), "".join(lines)
+        started = descendants(proc.pid)
+        titles = [_cmdline(Path(f"/proc/{p}")) for p in started]
+        for stage, n in REPLICAS.items():
+            name = {"ingress": "ChatIngress", "preprocess": "PreprocessServer",
+                    "encoder": "VisionEncoderServer", "decoder": "DecoderServer"}[stage]  # fmt: skip
+            assert sum(t.startswith(f"ray::ServeReplica:kimi-vl:{name}") for t in titles) == n, titles
+
+        client = openai.OpenAI(base_url=ready["openai_base_url"], api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(len(expected)) as pool:
+            served = list(pool.map(lambda r: served_answer(client, *r), requests()))
+        assert served == expected
+        # the same requests one at a time: still the same ids, whichever replica takes each
+        assert [served_answer(client, *r) for r in requests()[:4]] == expected[:4]
+
+        deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
+        while len(counts := decoder_replicas_that_served(http)) < 2 and time.monotonic() < deadline:
+            time.sleep(2.0)
+        assert len(counts) >= 2 and sum(counts.values()) >= len(expected), counts
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(1.0)
+    left = [pid for pid in started if alive(pid)]
+    assert not left, [_cmdline(Path(f"/proc/{p}")) for p in left]
+
+
+def test_a_bad_replicas_flag_is_refused_before_anything_starts(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "serve", "--replicas", "decoder=3,gpu=1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--replicas takes STAGE=N" in result.stderr and "'gpu=1'" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()  # refused before the default checkpoint is written
