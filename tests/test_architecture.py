@@ -25,8 +25,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "protos": set(),
     "triton_kernels": set(),
     "services.common": {"protos"},
-    "services.preprocess": {"services.common", "protos"},
-    "services.vision_encoder": {"services.common", "protos"},
+    "services.scaling": set(),  # pure policies and their Serve seams: the stages' shims import them
+    "services.preprocess": {"services.common", "services.scaling", "protos"},
+    "services.vision_encoder": {"services.common", "services.scaling", "protos"},
     "services.decoder": set(),  # the package's docstring only
     "services.decoder.model": {"services.common", "triton_kernels"},
     "services.decoder.engine": {"services.common", "services.decoder.model"},
@@ -45,6 +46,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "services.decoder.service": {
         "protos",
         "services.common",
+        "services.scaling",
         "services.vision_encoder",
         "services.decoder.model",
         "services.decoder.engine",
@@ -63,6 +65,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "services.pipeline": {
         "protos",
         "services.common",
+        "services.scaling",
         "services.preprocess",
         "services.vision_encoder",
         "services.decoder.engine",
@@ -90,6 +93,9 @@ PURE_CORES = [
     "services.common.weights",
     "services.kimi_vl",
     "services.offline",
+    "services.scaling.policies",
+    "services.scaling.serve_policies",
+    "services.pipeline.replicas",
 ]
 
 

@@ -105,6 +105,34 @@ def test_ep_ranks_go_where_the_decoder_goes(name: str) -> None:
         assert ep["label_selector"] == decoder["ray_actor_options"]["label_selector"], name
 
 
+SCALED_ON_LOAD = {
+    "DecoderServer": "services.scaling.serve_policies:DecoderScalingPolicy",
+    "PreprocessServer": "services.scaling.serve_policies:MediaScalingPolicy",
+    "VisionEncoderServer": "services.scaling.serve_policies:MediaScalingPolicy",
+}
+
+
+@pytest.mark.parametrize("name", SERVE_CONFIGS)
+def test_stages_scale_on_their_own_load(name: str) -> None:
+    """The decoder on its engine's figures, the media stages on pending items (not requests), with
+    targets the policies accept; and a replica being removed is given time to finish its work."""
+    seen = 0
+    for app in _load(CLUSTER / name)["applications"]:
+        for deployment in app.get("deployments") or []:
+            policy_path = SCALED_ON_LOAD.get(deployment["name"])
+            if policy_path is None or "autoscaling_config" not in deployment:
+                continue
+            policy = deployment["autoscaling_config"]["policy"]
+            assert policy["policy_function"] == policy_path, (name, deployment["name"])
+            module, attr = policy_path.split(":")
+            getattr(importlib.import_module(module), attr)(**policy.get("policy_kwargs", {}))
+            assert "target_ongoing_requests" not in deployment["autoscaling_config"]
+            if name in ("pipeline.yaml", "pipeline-ep8.yaml"):
+                assert deployment.get("graceful_shutdown_timeout_s", 0) >= 60, (name, deployment["name"])
+            seen += 1
+    assert seen
+
+
 def test_pipeline_names_match_the_stage_servers() -> None:
     for module in ("preprocess.server", "vision_encoder.server", "decoder.service.server"):
         assert _deployment_names(f"services.{module}:build_app") <= PIPELINE_DEPLOYMENTS

@@ -10,12 +10,29 @@ import pytest
 
 from services.common.errors import InvalidInputError
 from services.pipeline.local import app_args
-from services.pipeline.replicas import STAGE_DEPLOYMENTS, describe, parse_replicas, split_cpus
+from services.pipeline.replicas import (
+    PROCESS_BYTES,
+    STAGE_DEPLOYMENTS,
+    autoscale_caps,
+    describe,
+    parse_replicas,
+    replica_bytes,
+    split_cpus,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    import torch
+
+    from services.common.checkpoint import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("replicas") / "tiny", dtype=torch.float32)
 
 
 def namespace(**overrides: object) -> argparse.Namespace:
     values = {"config": None, "redis": None, "served_model_name": None, "api_key": None, "device": None,
-              "ep": 1, "replicas": None, **overrides}  # fmt: skip
+              "ep": 1, "replicas": None, "autoscale": False, **overrides}  # fmt: skip
     return argparse.Namespace(**values)
 
 
@@ -89,13 +106,48 @@ def test_replicas_become_fixed_autoscaling_and_threads(tmp_path: Path):
     assert out["encoder"]["num_threads"] == 2
 
 
-def test_replicas_override_a_configs_autoscaling_for_the_stages_they_name(tmp_path: Path):
-    out = app_args(namespace(config="cluster/pipeline.yaml", replicas="decoder=2"), tmp_path / "ck", 4)
+def test_without_autoscale_a_configs_autoscaling_is_not_used(tmp_path: Path):
+    out = app_args(namespace(config="cluster/pipeline.yaml"), tmp_path / "ck", 4)
+    for options in out["deployment_options"].values():
+        assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 1}
+        assert "label_selector" not in options["ray_actor_options"]  # a cluster's, not this machine's
+
+
+def test_autoscale_takes_the_configs_sections_capped_here(tmp_path: Path, tiny_root: Path):
+    args = namespace(config="cluster/pipeline.yaml", autoscale=True, replicas="ingress=1")
+    out = app_args(args, tiny_root, 2)
     placement = out["deployment_options"]
-    assert placement["DecoderServer"]["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 2}
-    kept = placement["PreprocessServer"]["autoscaling_config"]  # not named: the config's, from one
-    assert kept["min_replicas"] == 1 and kept["target_ongoing_requests"] == 2
-    assert "label_selector" not in placement["DecoderServer"]["ray_actor_options"]
+    decoder = placement["DecoderServer"]["autoscaling_config"]
+    # the shipped config's policy and delays, started at one replica, at most one per CPU here
+    assert decoder["policy"]["policy_function"] == "services.scaling.serve_policies:DecoderScalingPolicy"
+    assert decoder["min_replicas"] == 1 and decoder["max_replicas"] == 2
+    assert placement["DecoderServer"]["ray_actor_options"]["num_cpus"] == 0.5  # 1 CPU over 2
+    assert out["decoder"]["num_threads"] == 1
+    assert placement["PreprocessServer"]["autoscaling_config"]["min_replicas"] == 1  # config: 2
+    assert placement["ChatIngress"]["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 1}
+
+
+def test_autoscale_caps_say_which_limit_binds():
+    gib = 1 << 30
+    caps = autoscale_caps(16, {"decoder": 8, "encoder": 4}, 25 * gib, {"decoder": 6 * gib, "encoder": gib})
+    # 20 GiB usable: one encoder kept aside, three decoders of 6 GiB; the encoder gets what is left
+    assert caps["decoder"].max_replicas == 3 and caps["decoder"].reason.startswith("memory for 3")
+    assert caps["encoder"].max_replicas == 2 and caps["encoder"].reason.startswith("memory for 2")
+    assert caps["ingress"].max_replicas == 1 and caps["ingress"].reason.startswith("config max 1")
+    small = autoscale_caps(2, {"decoder": 8}, 25 * gib, {"decoder": gib, "encoder": gib})
+    assert small["decoder"].max_replicas == 2 and small["decoder"].reason.startswith(
+        "2 CPUs (and config max 8"
+    )
+    # a replica that does not fit at all still gets one: the stage cannot run without it
+    assert autoscale_caps(2, {"decoder": 8}, gib, {"decoder": 4 * gib})["decoder"].max_replicas == 1
+
+
+def test_a_replicas_footprint_comes_from_the_checkpoint(tiny_root: Path):
+    sizes = replica_bytes(tiny_root, {"decoder": {"engine": {"kv_cache_tokens": 1024}}})
+    assert PROCESS_BYTES < sizes["encoder"] < sizes["decoder"] < PROCESS_BYTES + (64 << 20)
+    bigger = replica_bytes(tiny_root, {"decoder": {"engine": {"kv_cache_tokens": 1 << 20}}})
+    # 3 layers x (32 + 16) latents x 4 bytes per token, fp32 on CPU
+    assert bigger["decoder"] - sizes["decoder"] == ((1 << 20) - 1024) * 3 * 48 * 4
 
 
 def test_decoder_replicas_under_expert_parallelism(tmp_path: Path):

@@ -309,7 +309,7 @@ def test_metrics_pages_merge_by_family():
 
 def test_serve_settings_from_a_config_file_and_flags(tmp_path):
     args = argparse.Namespace(config="cluster/pipeline.yaml", redis=None, served_model_name=None, api_key="k",
-                              device="cpu", ep=1, replicas=None)  # fmt: skip
+                              device="cpu", ep=1, replicas=None, autoscale=False)  # fmt: skip
     out = app_args(args, tmp_path / "ck", num_cpus=4)
     assert out["checkpoint_dir"] == str(tmp_path / "ck") and out["redis_url"] is None
     assert out["frontend"]["api_key"] == "k" and "api_key_env" not in out["frontend"]

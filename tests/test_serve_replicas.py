@@ -6,16 +6,11 @@ must give the offline path's greedy ids, then SIGTERM must leave no process behi
 from __future__ import annotations
 
 import io
-import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,15 +18,13 @@ import openai
 import pytest
 import torch
 from PIL import Image
+from serve_process import ServeProcess
 from test_pipeline_e2e import image_part, png, user
-from test_serve_command import _cmdline, alive, descendants
 
 from services.common.checkpoint import write_checkpoint
 from services.decoder.engine.params import SamplingParams
 from services.offline import OfflinePipeline
-
-pytest_plugins = ["services_fixtures"]
-from services_fixtures import free_port  # noqa: E402
+from services.pipeline.replicas import STAGE_DEPLOYMENTS
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 REPLICAS = {"ingress": 2, "preprocess": 2, "encoder": 2, "decoder": 3}
@@ -82,36 +75,17 @@ def decoder_replicas_that_served(http: int) -> dict[str, float]:
 def test_three_decoder_replicas_give_the_offline_ids(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "replicas-tiny", dtype=torch.float32)
     expected = offline_answers(checkpoint)
-    http, grpc_port = free_port(), free_port()
-    temp_dir = f"/tmp/kvl-{uuid.uuid4().hex[:8]}"
     flag = ",".join(f"{stage}={n}" for stage, n in REPLICAS.items())
-    argv = [sys.executable, "-m", "services.cli", "serve", "--checkpoint", str(checkpoint), "--http-port",
-            str(http), "--grpc-port", str(grpc_port), "--num-cpus", "2", "--replicas", flag,
-            "--ray-temp-dir", temp_dir]  # fmt: skip
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
-    reader.start()
-    started: set[int] = set()
+    serve = ServeProcess(checkpoint, "--replicas", flag)
     try:
-        deadline = time.monotonic() + 600
-        while not any(line.startswith('{"status": "ready"') for line in lines):
-            assert proc.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.5)
-        ready = json.loads(next(line for line in lines if line.startswith('{"status": "ready"')))
+        ready = serve.wait_ready()
         stages = ready["stages"]
         assert {stage: s["replicas"] for stage, s in stages.items()} == REPLICAS
         assert stages["decoder"] == {"replicas": 3, "num_cpus": 0.3333, "torch_threads": 1}
         assert stages["encoder"] == {"replicas": 2, "num_cpus": 0.5, "torch_threads": 1}
-        assert any("placement on 2 CPUs: ingress 2x 0 CPU" in line for line in lines), "".join(lines)
-        started = descendants(proc.pid)
-        titles = [_cmdline(Path(f"/proc/{p}")) for p in started]
+        assert "placement on 2 CPUs: ingress 2x 0 CPU" in serve.output
         for stage, n in REPLICAS.items():
-            name = {"ingress": "ChatIngress", "preprocess": "PreprocessServer",
-                    "encoder": "VisionEncoderServer", "decoder": "DecoderServer"}[stage]  # fmt: skip
-            assert sum(t.startswith(f"ray::ServeReplica:kimi-vl:{name}") for t in titles) == n, titles
+            assert serve.replicas(STAGE_DEPLOYMENTS[stage]) == n, stage
 
         client = openai.OpenAI(base_url=ready["openai_base_url"], api_key="unused", max_retries=0)
         with ThreadPoolExecutor(len(expected)) as pool:
@@ -121,18 +95,12 @@ def test_three_decoder_replicas_give_the_offline_ids(tmp_path):
         assert [served_answer(client, *r) for r in requests()[:4]] == expected[:4]
 
         deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
-        while len(counts := decoder_replicas_that_served(http)) < 2 and time.monotonic() < deadline:
+        while len(counts := decoder_replicas_that_served(serve.http)) < 2 and time.monotonic() < deadline:
             time.sleep(2.0)
         assert len(counts) >= 2 and sum(counts.values()) >= len(expected), counts
-
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=90) == 0, "".join(lines)
+        serve.stop()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    time.sleep(1.0)
-    left = [pid for pid in started if alive(pid)]
-    assert not left, [_cmdline(Path(f"/proc/{p}")) for p in left]
+        serve.kill()
 
 
 def test_a_bad_replicas_flag_is_refused_before_anything_starts(tmp_path):

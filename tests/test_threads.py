@@ -76,7 +76,14 @@ def test_compute_threads_take_the_stage_count_where_ray_says_one() -> None:
 
 def test_kimi_vl_serve_gives_each_compute_stage_every_core() -> None:
     args = argparse.Namespace(
-        config=None, redis=None, served_model_name=None, api_key=None, device=None, ep=1, replicas=None
+        config=None,
+        redis=None,
+        served_model_name=None,
+        api_key=None,
+        device=None,
+        ep=1,
+        replicas=None,
+        autoscale=False,
     )
     out = app_args(args, Path("ck"), num_cpus=4)
     assert out["encoder"]["num_threads"] == 4 and out["decoder"]["num_threads"] == 4

@@ -28,12 +28,21 @@ import yaml
 from services.common.errors import InvalidInputError
 from services.common.grpc_proxy import PIPELINE_SERVICER_FUNCTIONS
 from services.common.threads import SPIN_ENV, WORKER_NICENESS_ENV
-from services.pipeline.replicas import STAGE_DEPLOYMENTS, StageShare, describe, parse_replicas, split_cpus
+from services.pipeline.replicas import (
+    STAGE_DEPLOYMENTS,
+    Placement,
+    autoscale_caps,
+    memory_available,
+    parse_replicas,
+    replica_bytes,
+    split_cpus,
+)
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "kimi-vl"
 DEFAULT_CHECKPOINT = Path("checkpoints") / "tiny"
+DEFAULT_AUTOSCALE_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "pipeline.yaml"
 READY_TIMEOUT_S = 600.0
 ONE_REPLICA = {"min_replicas": 1, "max_replicas": 1}  # for callers placing stages themselves (tests)
 
@@ -63,6 +72,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="replicas of ingress, preprocess, encoder, decoder on this machine (default: 1 each); "
         "the CPUs are split between them",
     )
+    p.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="scale each stage on its own with the autoscaling_config of --config (default: "
+        "cluster/pipeline.yaml's), max_replicas capped by what fits on this machine",
+    )
     p.add_argument("--demo", action="store_true", help="run a sample conversation against the server")
     p.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is done (tests)")
     p.add_argument("--ray-temp-dir", default=None, help="Ray's session folder root (default: Ray's)")
@@ -73,7 +88,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[str, Any]:
     """`build_app`'s args: the config file's (if any), then the flags, then local placement."""
     config = _config_args(args.config) if args.config else {}
-    shares = stage_shares(args, num_cpus)
     out: dict[str, Any] = dict(config.get("args") or {})
     out["checkpoint_dir"] = str(checkpoint)
     out["redis_url"] = args.redis
@@ -87,26 +101,65 @@ def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[
         section = dict(out.get(stage) or {})
         if args.device:
             section["device"] = args.device
+        out[stage] = section
+    plan = placement_plan(args, num_cpus, checkpoint, out)
+    for stage in ("encoder", "decoder"):
         # one machine: the encoder and the decoder may each use every core while the other waits
         # (their idle OpenMP threads sleep after a short spin: threads.SPIN_ENV, in the placement);
         # several replicas of a stage divide its cores (replicas.split_cpus)
-        section.setdefault("num_threads", shares[stage].torch_threads)
-        out[stage] = section
+        out[stage].setdefault("num_threads", plan.shares[stage].torch_threads)
     encoder = out["encoder"]
     grpc_server = {**dict(encoder.get("grpc_server") or {}), "host": "127.0.0.1"}
     grpc_server.pop("token_env", None)  # loopback: no token needed
     encoder["grpc_server"] = grpc_server
-    out["deployment_options"] = _local_placement(config, shares, fixed=set(parse_replicas(args.replicas)))
+    out["deployment_options"] = _local_placement(plan)
     if args.ep > 1:  # the ranks take the decoder's CPUs; the replica itself only steps them
         out["decoder"]["ep"] = {**dict(out["decoder"].get("ep") or {}), "size": args.ep,
-                                "cpus_per_rank": shares["decoder"].rank_cpus}  # fmt: skip
+                                "cpus_per_rank": plan.shares["decoder"].rank_cpus}  # fmt: skip
         out["decoder"]["num_threads"] = 1
     return out
 
 
-def stage_shares(args: argparse.Namespace, num_cpus: int) -> dict[str, StageShare]:
-    """What each stage gets on this machine, from `--replicas` and `--ep`."""
-    return split_cpus(num_cpus, parse_replicas(args.replicas), ep=args.ep)
+def placement_plan(
+    args: argparse.Namespace,
+    num_cpus: int,
+    checkpoint: Path | None = None,
+    settings: dict[str, Any] | None = None,
+) -> Placement:
+    """What each stage gets on this machine, from `--replicas`, `--autoscale` and `--ep`. With
+    `--autoscale`, a stage not fixed by `--replicas` takes its config's autoscaling_config, started
+    at one replica, with max_replicas cut to `replicas.autoscale_caps`; CPUs and threads are split
+    for that many."""
+    fixed = parse_replicas(args.replicas)
+    if not args.autoscale:
+        return Placement(split_cpus(num_cpus, fixed, ep=args.ep))
+    configured = _autoscaling_sections(args.config or str(DEFAULT_AUTOSCALE_CONFIG))
+    caps = autoscale_caps(
+        num_cpus,
+        {stage: int(configured.get(stage, {}).get("max_replicas", 1)) for stage in STAGE_DEPLOYMENTS},
+        memory_available(),
+        replica_bytes(checkpoint, settings or {}) if checkpoint is not None else {},
+    )
+    scaling: dict[str, dict[str, Any]] = {}
+    for stage, cap in caps.items():
+        if stage in fixed or stage not in configured:
+            continue
+        section = dict(configured[stage])
+        section["min_replicas"] = min(int(section.get("min_replicas", 1)), 1)
+        section["max_replicas"] = cap.max_replicas
+        section.pop("initial_replicas", None)
+        scaling[stage] = section
+    counts = {**{stage: s["max_replicas"] for stage, s in scaling.items()}, **fixed}
+    return Placement(split_cpus(num_cpus, counts, ep=args.ep), scaling, caps)
+
+
+def _autoscaling_sections(path: str) -> dict[str, dict[str, Any]]:
+    """stage -> the config's autoscaling_config for its deployment (stages without one: absent)."""
+    config = _config_args(path)
+    by_name = {
+        entry.get("name"): entry.get("autoscaling_config") for entry in config.get("deployments") or []
+    }
+    return {stage: dict(by_name[name]) for stage, name in STAGE_DEPLOYMENTS.items() if by_name.get(name)}
 
 
 def _config_args(path: str) -> dict[str, Any]:
@@ -120,29 +173,19 @@ def _config_args(path: str) -> dict[str, Any]:
     raise InvalidInputError(f"{path} has no application with import_path services.pipeline:build_app")
 
 
-def _local_placement(
-    config: dict[str, Any], shares: dict[str, StageShare], fixed: set[str]
-) -> dict[str, Any]:
-    """Each stage's replicas and CPUs on this machine (`replicas.split_cpus`). A stage named in
-    `--replicas` (`fixed`) runs exactly that many; any other keeps a config's autoscaling, started
-    at one replica, or runs one. A config's resources are never kept: they describe a cluster."""
+def _local_placement(plan: Placement) -> dict[str, Any]:
+    """Each deployment's options on this machine. A stage that does not autoscale runs a fixed
+    count; a config's resources are never kept: they describe a cluster."""
     # a fixed count is autoscaling between N and N, not num_replicas: Serve 2.60 cancels gRPC
     # streams only for autoscaled deployments
     out: dict[str, Any] = {}
-    scaling = {
-        entry.get("name"): entry.get("autoscaling_config") for entry in config.get("deployments") or []
-    }
     for stage, name in STAGE_DEPLOYMENTS.items():
-        share = shares[stage]
-        if stage in fixed or not scaling.get(name):
-            autoscaling = {"min_replicas": share.replicas, "max_replicas": share.replicas}
-        else:
-            autoscaling = dict(scaling[name])
-            autoscaling["min_replicas"] = min(int(autoscaling.get("min_replicas", 1)), 1)
+        share = plan.shares[stage]
+        scaling = plan.scaling.get(stage) or {"min_replicas": share.replicas, "max_replicas": share.replicas}
         out[name] = {
             "ray_actor_options": {"num_cpus": share.num_cpus, "num_gpus": 0,
                                   "runtime_env": {"env_vars": dict(SPIN_ENV)}},
-            "autoscaling_config": autoscaling,
+            "autoscaling_config": scaling,
         }  # fmt: skip
     return out
 
@@ -188,10 +231,12 @@ def run(args: argparse.Namespace) -> int:
     for name, value in WORKER_NICENESS_ENV.items():  # replicas at nice 0, as Ray's daemons (threads.py)
         os.environ.setdefault(name, value)
     num_cpus = args.num_cpus or os.cpu_count() or 1
-    shares = stage_shares(args, num_cpus)  # a bad --replicas is refused before anything is written
+    placement_plan(args, num_cpus)  # a bad --replicas or config is refused before anything is written
     checkpoint = _ensure_checkpoint(args.checkpoint)
     settings = app_args(args, checkpoint, num_cpus)
-    _say(f"placement on {describe(shares, num_cpus)}")
+    plan = placement_plan(args, num_cpus, checkpoint, settings)
+    for line in plan.describe(num_cpus).splitlines():
+        _say(line)
     if not args.redis:
         _say("no --redis: embeddings and media manifests are cached in process (per replica)")
 
@@ -205,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     ray.init(**init, log_to_driver=False)
     _install_signal_handlers(stop)  # after ray.init, which installs its own SIGTERM handler (abort)
     try:
-        _serve(args, settings, checkpoint, stop, shares)
+        _serve(args, settings, checkpoint, stop, plan)
     except KeyboardInterrupt:
         pass  # a signal: stop cleanly below
     finally:
@@ -222,7 +267,7 @@ def _serve(
     settings: dict[str, Any],
     checkpoint: Path,
     stop: threading.Event,
-    shares: dict[str, StageShare],
+    plan: Placement,
 ) -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -242,7 +287,7 @@ def _serve(
         "openai_base_url": f"{http_url}/v1",
         "grpc_target": f"127.0.0.1:{args.grpc_port}",
         "model": model,
-        "stages": {stage: share.as_dict() for stage, share in shares.items()},  # what each stage got
+        "stages": plan.summary(),  # what each stage got
     }
     print(json.dumps(ready), flush=True)
     if args.demo:

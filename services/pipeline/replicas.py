@@ -1,8 +1,9 @@
 """How many replicas of each stage `kimi-vl serve` runs on one machine, and how its CPUs are split
-between them (`--replicas STAGE=N[,STAGE=N...]`).
+between them (`--replicas STAGE=N[,STAGE=N...]`, `--autoscale`).
 
-Pure arithmetic over the machine's CPU count: it knows nothing of Ray or Serve, and returns plain
-figures that `local.py` turns into deployment options.
+Plain figures over the machine's CPUs and memory and a checkpoint's size (read from the
+safetensors headers): it knows nothing of Ray or Serve, and `local.py` turns its `Placement` into
+deployment options.
 
 Two different things are split, and they are split differently:
 - **Ray's accounting** (`num_cpus` per replica) decides what can be placed. It must add up to at
@@ -17,9 +18,12 @@ Two different things are split, and they are split differently:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from services.common.errors import InvalidInputError
 
@@ -113,6 +117,44 @@ def split_cpus(num_cpus: int, replicas: Mapping[str, int], ep: int = 1) -> dict[
     return shares
 
 
+@dataclass(frozen=True)
+class StageCap:
+    """The most replicas of a stage `--autoscale` lets Serve run here, and why that many."""
+
+    max_replicas: int
+    reason: str
+
+
+def autoscale_caps(
+    num_cpus: int,
+    configured_max: Mapping[str, int],
+    memory_bytes: int,
+    replica_bytes: Mapping[str, int],
+) -> dict[str, StageCap]:
+    """Each stage's `max_replicas` on this machine: the config's, cut to one replica per CPU (a
+    replica of any stage needs a core's worth of work to be worth its start-up) and, for the
+    stages that hold a model (`replica_bytes`: weights, KV cache, a process), to what `memory_bytes`
+    holds, less a fifth for Ray's own processes and the page cache. The decoder is sized first,
+    next to one encoder; the encoder gets what the decoder's cap leaves."""
+    caps: dict[str, StageCap] = {}
+    left = memory_bytes * 4 // 5
+    for stage in ("decoder", "encoder", "ingress", "preprocess"):
+        configured = max(1, int(configured_max.get(stage, 1)))
+        limits = [(configured, f"config max {configured}"), (num_cpus, f"{num_cpus} CPUs")]
+        size = replica_bytes.get(stage)
+        if size:
+            others = sum(replica_bytes.get(s, 0) for s in COMPUTE_STAGES if s != stage and s not in caps)
+            fit = max(1, (left - others) // size)
+            limits.append((fit, f"memory for {fit} at {size / 2**30:.1f} GiB each of {left / 2**30:.1f} GiB"))
+        cap = min(n for n, _ in limits)
+        binding = next(why for n, why in limits if n == cap)
+        rest = [why for _, why in limits if why != binding]
+        caps[stage] = StageCap(cap, binding + (f" (and {'; '.join(rest)})" if rest else ""))
+        if size:
+            left -= cap * size
+    return {stage: caps[stage] for stage in STAGE_DEPLOYMENTS}
+
+
 def describe(shares: Mapping[str, StageShare], num_cpus: int) -> str:
     """One line a person reads: what each stage got."""
     parts = []
@@ -129,3 +171,97 @@ def describe(shares: Mapping[str, StageShare], num_cpus: int) -> str:
 def _floor(value: float) -> float:
     """Down to Ray's resolution, so that N shares never add up to more than the whole."""
     return math.floor(value * _CPU_STEPS + 1e-6) / _CPU_STEPS if value > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What `kimi-vl serve` runs of each stage: its CPU share per replica, and either a fixed count
+    (`shares[stage].replicas`) or Serve's autoscaling between 1 and its cap (`scaling`)."""
+
+    shares: dict[str, StageShare]
+    scaling: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> autoscaling_config
+    caps: dict[str, StageCap] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per stage, for the ready line: replicas (or the autoscaling range and its cap's reason),
+        CPUs and torch threads per replica."""
+        out = {}
+        for stage, share in self.shares.items():
+            entry = share.as_dict()
+            if stage in self.scaling:
+                del entry["replicas"]
+                scaling = self.scaling[stage]
+                entry["autoscaling"] = {"min_replicas": scaling["min_replicas"],
+                                        "max_replicas": scaling["max_replicas"],
+                                        "cap": self.caps[stage].reason}  # fmt: skip
+            out[stage] = entry
+        return out
+
+    def describe(self, num_cpus: int) -> str:
+        lines = [f"placement on {describe(self.shares, num_cpus)}"]
+        for stage, scaling in self.scaling.items():
+            cap = self.caps[stage]
+            lines.append(
+                f"{stage} autoscales {scaling['min_replicas']}-{scaling['max_replicas']} replicas "
+                f"(at most {cap.max_replicas} here: {cap.reason})"
+            )
+        return "\n".join(lines)
+
+
+def memory_available() -> int:
+    """Bytes this machine can give new processes now (the kernel's MemAvailable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # no /proc: assume a small machine
+
+
+def replica_bytes(checkpoint: Path, settings: dict[str, Any]) -> dict[str, int]:
+    """What one encoder and one decoder replica hold on this machine (an estimate): the weights of
+    their part of the checkpoint at the dtype they serve in, the decoder's KV cache, a process."""
+    from services.common.config import load_config
+    from services.decoder.engine.llm_engine import EngineConfig
+
+    elements = _weight_elements(checkpoint)
+    config = load_config(checkpoint)
+    text = config.text_config
+    out = {}
+    for stage, part in (("encoder", "vision"), ("decoder", "text")):
+        itemsize = _served_itemsize(settings.get(stage) or {})
+        out[stage] = PROCESS_BYTES + elements[part] * itemsize
+    engine = {**vars(EngineConfig()), **dict((settings.get("decoder") or {}).get("engine") or {})}
+    per_token = text.num_hidden_layers * (text.kv_lora_rank + text.qk_rope_head_dim)
+    out["decoder"] += (
+        int(engine["kv_cache_tokens"]) * per_token * _served_itemsize(settings.get("decoder") or {})
+    )
+    return out
+
+
+PROCESS_BYTES = 700 << 20  # a replica's interpreter with torch and a Ray worker, before weights
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _weight_elements(checkpoint: Path) -> dict[str, int]:
+    """Elements of the vision part (tower and projector) and the text part, from the safetensors
+    headers alone (no tensor is read)."""
+    out = {"vision": 0, "text": 0}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            part = "text" if name.startswith("language_model") else "vision"
+            out[part] += (end - start) // _ITEMSIZE.get(entry["dtype"], 2)
+    return out
+
+
+def _served_itemsize(section: dict[str, Any]) -> int:
+    dtype = section.get("dtype", "auto")
+    if dtype == "auto":  # bfloat16 on CUDA, float32 on CPU (devices.resolve_dtype)
+        return 2 if str(section.get("device", "auto")).startswith("cuda") else 4
+    return 4 if dtype == "float32" else 2

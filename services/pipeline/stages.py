@@ -97,7 +97,8 @@ class PipelinePreprocessServer(PreprocessServer):
 
         loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(prepare_manifest, self.engine, item, sampling, encode)
+            with self.pending([item], sampling):
+                return await asyncio.to_thread(prepare_manifest, self.engine, item, sampling, encode)
         finally:
             if lease is not None:
                 lease.cancel()

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from ray import serve
@@ -34,6 +36,7 @@ from services.common.grpc_status import set_error_status
 from services.preprocess.core import PreprocessEngine, ProcessedItem
 from services.preprocess.media import MediaInput, MediaKind
 from services.preprocess.settings import PreprocessSettings, VideoSampling
+from services.scaling.serve_policies import MEDIA_POLICY, PENDING_ITEMS
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,11 @@ GRPC_SERVICER_FUNCTION = "services.common.grpc_proxy.add_preprocess_servicer"
 DEPLOYMENT_NAME = "PreprocessServer"
 DEFAULT_NUM_CPUS = 1.0
 DEFAULT_MAX_ONGOING_REQUESTS = 8
-DEFAULT_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
+DEFAULT_AUTOSCALING: dict[str, Any] = {
+    "min_replicas": 1,
+    "max_replicas": 4,
+    "policy": {"policy_function": MEDIA_POLICY},
+}
 
 _KIND_FROM_PROTO = {
     pb.MEDIA_KIND_AUTO: MediaKind.AUTO,
@@ -112,6 +119,21 @@ class PreprocessServer:
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "protocol_whitelist;file")
         self.settings = settings
         self.engine = engine or PreprocessEngine(settings.processor, settings.limits)
+        self.pending_items = 0  # images and video frames in hand (a video counts its most frames)
+
+    @contextmanager
+    def pending(self, items: Sequence[MediaInput], sampling: VideoSampling) -> Iterator[None]:
+        """Count these items as pending while the block runs (Serve's autoscaling figure)."""
+        count = sum(sampling.max_frames if item.kind is MediaKind.VIDEO else 1 for item in items)
+        self.pending_items += count
+        try:
+            yield
+        finally:
+            self.pending_items -= count
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaling figure (`scaling.serve_policies.MediaScalingPolicy`)."""
+        return {PENDING_ITEMS: float(self.pending_items)}
 
     def handle(self, request: pb.PreprocessRequest) -> pb.PreprocessResponse:
         """The whole request, synchronously: proto → core → proto."""
@@ -124,7 +146,8 @@ class PreprocessServer:
         self, request: pb.PreprocessRequest, grpc_context: RayServegRPCContext | None = None
     ) -> pb.PreprocessResponse:
         try:
-            return await asyncio.to_thread(self.handle, request)
+            with self.pending(items_from_proto(request), self.settings.video):
+                return await asyncio.to_thread(self.handle, request)
         except Exception as e:  # the service edge: every failure becomes a status
             set_error_status(e, grpc_context, logger, "preprocess")
             return pb.PreprocessResponse()

@@ -54,6 +54,7 @@ class EncodeBatcher:
         self.threads = threads  # marks those calls busy on the machine's core board
         self.batches = 0  # engine calls made
         self.batched_requests = 0
+        self.pending_images = 0  # images queued or being encoded (Serve's autoscaling figure)
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task[None] | None = None
 
@@ -64,7 +65,11 @@ class EncodeBatcher:
             self._worker = loop.create_task(self._run(), name="encode-batcher")
         pending = _Pending(images, loop.create_future())
         self._queue.put_nowait(pending)  # type: ignore[union-attr]
-        return await pending.future
+        self.pending_images += len(images)
+        try:
+            return await pending.future
+        finally:
+            self.pending_images -= len(images)
 
     async def _run(self) -> None:
         queue = self._queue

@@ -55,6 +55,7 @@ from services.common.metrics import TotalCounters, report_every
 from services.common.redis_client import DEFAULT_SOCKET_TIMEOUT_S, DEFAULT_TTL_S
 from services.common.settings import check_dtype_name, known_fields
 from services.common.threads import compute_threads, stage_threads
+from services.scaling.serve_policies import MEDIA_POLICY, PENDING_ITEMS
 from services.vision_encoder.batching import EncodeBatcher
 from services.vision_encoder.engine import (
     DEFAULT_MAX_BATCH_PATCHES,
@@ -85,7 +86,11 @@ DEPLOYMENT_NAME = "VisionEncoderServer"
 DEFAULT_NUM_CPUS = 1.0
 DEFAULT_MAX_ONGOING_REQUESTS = 16
 LEASE_MAX_S = 600.0  # a lease its caller forgot ends by itself
-DEFAULT_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4}
+DEFAULT_AUTOSCALING: dict[str, Any] = {
+    "min_replicas": 1,
+    "max_replicas": 4,
+    "policy": {"policy_function": MEDIA_POLICY},
+}
 # counter (kimi_vl_encoder_<name>_total) -> help; each follows EncoderCounters.<name>
 ENCODER_COUNTERS = {
     "requests": "Encode calls.",
@@ -344,6 +349,11 @@ class VisionEncoderServer:
             raise InvalidInputError("this encoder replica has no gRPC server (grpc_server.enabled)")
         yield endpoint
         await asyncio.sleep(max_s)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaling figure (`scaling.serve_policies.MediaScalingPolicy`): images and
+        video frames queued or being encoded here, whichever entry point brought them."""
+        return {PENDING_ITEMS: float(self.batcher.pending_images)}
 
     async def fingerprint(self) -> str:
         """The weights' fingerprint, part of every cache key this replica writes."""

@@ -64,6 +64,7 @@ from services.decoder.loading import load_text_model
 from services.decoder.service.messages import responses
 from services.decoder.service.metrics import DecoderMetrics, stats_dict
 from services.decoder.service.translate import ModelFacts, translate
+from services.scaling.serve_policies import DECODER_POLICY, KV_CACHE_USAGE, RUNNING, WAITING
 from services.vision_encoder.cache import EmbeddingCache
 from services.vision_encoder.client import EncoderClients
 from services.vision_encoder.redis_cache import RedisEmbeddingCache
@@ -74,7 +75,11 @@ GRPC_SERVICER_FUNCTION = "services.common.grpc_proxy.add_generator_servicer"
 DEPLOYMENT_NAME = "DecoderServer"
 DEFAULT_NUM_CPUS = 1.0
 DEFAULT_MAX_ONGOING_REQUESTS = 128  # twice the engine's default max_num_seqs: a full batch + a queue
-DEFAULT_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 48}
+DEFAULT_AUTOSCALING: dict[str, Any] = {
+    "min_replicas": 1,
+    "max_replicas": 4,
+    "policy": {"policy_function": DECODER_POLICY},
+}
 DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 120.0  # downscaling lets running generations finish
 SHUTDOWN_DRAIN_S = 5.0  # Serve has already drained; this covers requests that slipped in late
 _DEPLOYMENT_OPTIONS = ("max_ongoing_requests", "graceful_shutdown_timeout_s", "health_check_period_s",
@@ -262,6 +267,17 @@ class DecoderServer:
             "open_requests": self.engine.num_open_requests(),
             "replica": replica,
             **self._expert_summary(),
+        }
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaling figures for this replica (`scaling.serve_policies.DecoderScalingPolicy`):
+        sequences in the batch, requests held but not admitted, and the KV cache's share in use."""
+        stats = self.engine.stats()
+        waiting = max(self.engine.num_open_requests() - stats.num_running, 0)
+        return {
+            RUNNING: float(stats.num_running),
+            WAITING: float(waiting),
+            KV_CACHE_USAGE: stats.kv_cache_usage,
         }
 
     def _expert_summary(self) -> dict[str, Any]:
