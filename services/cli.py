@@ -291,12 +291,14 @@ def _cmd_ep_placement(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from services.loadtest import command as bench_command
+    from services.pipeline import config_overlay
     from services.pipeline import local as serve_command
 
     parser = argparse.ArgumentParser(prog="kimi-vl", description="Serve and run Kimi-VL.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve_command.add_parser(sub)
     bench_command.add_parser(sub)
+    config_overlay.add_parser(sub)
 
     place = sub.add_parser(
         "ep-placement", help="balance experts over expert-parallel ranks from recorded load"

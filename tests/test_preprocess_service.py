@@ -182,10 +182,8 @@ def test_serve_config_is_valid_and_builds(checkpoint):
     (deployment,) = app.deployments
     assert deployment.name == "PreprocessServer"
     autoscaling = deployment.autoscaling_config
-    assert (
-        1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
-        and autoscaling["target_ongoing_requests"]
-    )
+    assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
+    assert autoscaling["policy"]["policy_function"] == "services.scaling.serve_policies:MediaScalingPolicy"
     assert deployment.ray_actor_options.num_gpus == 0 and deployment.ray_actor_options.num_cpus > 0
     built = build_app({**app.args, "checkpoint_dir": str(checkpoint)})  # the YAML's settings parse
     assert type(built).__name__ == "Application"

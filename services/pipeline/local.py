@@ -28,6 +28,7 @@ import yaml
 from services.common.errors import InvalidInputError
 from services.common.grpc_proxy import PIPELINE_SERVICER_FUNCTIONS
 from services.common.threads import SPIN_ENV, WORKER_NICENESS_ENV
+from services.pipeline.config_overlay import DEFAULT_BASE
 from services.pipeline.replicas import (
     STAGE_DEPLOYMENTS,
     Placement,
@@ -42,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "kimi-vl"
 DEFAULT_CHECKPOINT = Path("checkpoints") / "tiny"
-DEFAULT_AUTOSCALE_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "pipeline.yaml"
 READY_TIMEOUT_S = 600.0
 ONE_REPLICA = {"min_replicas": 1, "max_replicas": 1}  # for callers placing stages themselves (tests)
 
@@ -133,7 +133,7 @@ def placement_plan(
     fixed = parse_replicas(args.replicas)
     if not args.autoscale:
         return Placement(split_cpus(num_cpus, fixed, ep=args.ep))
-    configured = _autoscaling_sections(args.config or str(DEFAULT_AUTOSCALE_CONFIG))
+    configured = _autoscaling_sections(args.config or str(DEFAULT_BASE))
     caps = autoscale_caps(
         num_cpus,
         {stage: int(configured.get(stage, {}).get("max_replicas", 1)) for stage in STAGE_DEPLOYMENTS},
