@@ -95,6 +95,7 @@ PURE_CORES = [
     "services.offline",
     "services.scaling.policies",
     "services.scaling.serve_policies",
+    "services.scaling.routing",
     "services.pipeline.replicas",
 ]
 
@@ -183,7 +184,8 @@ def test_pure_cores_import_no_ray_grpc_or_redis() -> None:
 
 
 def test_the_ingress_imports_no_torch_and_no_model() -> None:
-    loaded = _loaded_after(["services.pipeline.ingress"])
+    # the decoder's request router runs where its handles are: in the ingress
+    loaded = _loaded_after(["services.pipeline.ingress", "services.decoder.service.router"])
     assert "torch" not in loaded and "cv2" not in loaded
     assert not [
         m for m in loaded if m.startswith(("services.decoder.model", "services.decoder.engine.llm_engine"))

@@ -71,3 +71,17 @@ def test_caching_off_never_shares() -> None:
     (a,) = pool.allocate(1)
     pool.register(a, b"k")
     assert pool.lookup([b"k"]) == []
+
+
+def test_cached_and_evicted_keys_are_logged_for_routers() -> None:
+    pool = BlockPool(2)
+    a, b = pool.allocate(2)
+    pool.register(a, b"key-a")
+    pool.register(b, b"key-b")
+    pool.free([a, b])  # both cached, nobody uses them
+    assert pool.registrations == 2 and list(pool.registered) == [b"key-a", b"key-b"]
+    assert pool.evictions == 0 and not pool.evicted
+    pool.allocate(1)  # takes the least recently freed cached block: key-a (a tail goes first)
+    assert pool.evictions == 1 and len(pool.evicted) == 1
+    pool.clear_cache()
+    assert pool.evictions == 2 and set(pool.evicted) == {b"key-a", b"key-b"}

@@ -31,14 +31,9 @@ from services.decoder.engine.outputs import CompletionDelta, RequestOutput, Toke
 from services.decoder.engine.params import SamplingParams, generation_defaults
 from services.decoder.loading import load_text_model
 from services.decoder.service.messages import responses, sampling_params
+from services.decoder.service.prefix_keys import inline_content_hash, placeholder_runs
 from services.decoder.service.server import GRPC_SERVICER_FUNCTION, DecoderServer, DecoderSettings, build_app
-from services.decoder.service.translate import (
-    ModelFacts,
-    Prompt,
-    inline_content_hash,
-    placeholder_runs,
-    translate,
-)
+from services.decoder.service.translate import ModelFacts, Prompt, translate
 from services.vision_encoder.cache import LRUEmbeddingCache
 from services.vision_encoder.redis_cache import RedisEmbeddingCache
 

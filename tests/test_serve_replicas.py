@@ -13,6 +13,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -23,6 +24,7 @@ from test_pipeline_e2e import image_part, png, user
 
 from services.common.checkpoint import write_checkpoint
 from services.decoder.engine.params import SamplingParams
+from services.decoder.service.server import ROUTING_STATS_PERIOD_S
 from services.offline import OfflinePipeline
 from services.pipeline.replicas import STAGE_DEPLOYMENTS
 
@@ -72,6 +74,25 @@ def decoder_replicas_that_served(http: int) -> dict[str, float]:
     return counts
 
 
+def chat(client: openai.OpenAI, messages: list[dict]) -> Any:
+    return client.chat.completions.create(
+        model="replicas-tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+
+
+def router_routes(http: int) -> dict[str, float]:
+    """The decoder router's requests by route (affinity, load), over every ingress and replica."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=30).read().decode()
+    out: dict[str, float] = {}
+    for labels, value in re.findall(
+        r"^ray_kimi_vl_router_requests_total\{([^}]*)\} (\S+)$", body, re.MULTILINE
+    ):
+        route = dict(re.findall(r'(\w+)="([^"]*)"', labels)).get("route", "")
+        out[route] = out.get(route, 0.0) + float(value)
+    return out
+
+
 def test_three_decoder_replicas_give_the_offline_ids(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "replicas-tiny", dtype=torch.float32)
     expected = offline_answers(checkpoint)
@@ -94,10 +115,35 @@ def test_three_decoder_replicas_give_the_offline_ids(tmp_path):
         # the same requests one at a time: still the same ids, whichever replica takes each
         assert [served_answer(client, *r) for r in requests()[:4]] == expected[:4]
 
+        # conversations, each about its own picture: every later turn goes where its earlier turns
+        # are cached, whichever ingress replica (each runs its own router) takes it
+        conversations = [
+            [user(image_part(png(400 + c)), f"Conversation {c}: describe it.")] for c in range(6)
+        ]
+        previous = [0] * len(conversations)
+        for turn in range(3):
+            if turn:  # a user reads the answer; meanwhile every router hears what each replica cached
+                time.sleep(3 * ROUTING_STATS_PERIOD_S)
+            with ThreadPoolExecutor(len(conversations)) as pool:
+                replies = list(pool.map(lambda m: chat(client, m), conversations))
+            for c, reply in enumerate(replies):
+                if turn:
+                    cached = reply.usage.prompt_tokens_details.cached_tokens
+                    assert cached >= previous[c] - 16, (turn, c, cached, previous[c])
+                previous[c] = reply.usage.prompt_tokens
+                conversations[c] += [
+                    {"role": "assistant", "content": reply.choices[0].message.content},
+                    user(f"Turn {turn + 2}: and then?"),
+                ]
+
         deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
         while len(counts := decoder_replicas_that_served(serve.http)) < 2 and time.monotonic() < deadline:
             time.sleep(2.0)
         assert len(counts) >= 2 and sum(counts.values()) >= len(expected), counts
+        # 12 later turns by affinity, the first turns and the single questions by load
+        while (routes := router_routes(serve.http)).get("affinity", 0) < 12 and time.monotonic() < deadline:
+            time.sleep(2.0)
+        assert routes.get("affinity", 0) >= 12 and routes.get("load", 0) >= len(expected), routes
         serve.stop()
     finally:
         serve.kill()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from services.common.errors import CapacityError
 
 BlockHash = bytes
+KEY_LOG = 4096  # cached and evicted keys a pool remembers, for routers
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -89,6 +90,12 @@ class BlockPool:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free but cached; oldest first
         self._hash_of: dict[int, BlockHash] = {}
         self._block_of: dict[BlockHash, int] = {}
+        # the keys this pool started and stopped holding, newest last, for routers that track
+        # where prefixes are cached (windows: `registrations` and `evictions` count them all)
+        self.registered: deque[BlockHash] = deque(maxlen=KEY_LOG)
+        self.registrations = 0
+        self.evicted: deque[BlockHash] = deque(maxlen=KEY_LOG)
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
@@ -116,7 +123,7 @@ class BlockPool:
                 block = self._plain.popleft()
             else:
                 block, _ = self._evictable.popitem(last=False)
-                del self._block_of[self._hash_of.pop(block)]
+                self._forget(block)
             self._refs[block] = 1
             blocks.append(block)
         return blocks
@@ -162,6 +169,8 @@ class BlockPool:
             return
         self._hash_of[block] = key
         self._block_of[key] = block
+        self.registered.append(key)
+        self.registrations += 1
 
     def ref_count(self, block: int) -> int:
         return self._refs[block]
@@ -169,6 +178,12 @@ class BlockPool:
     def clear_cache(self) -> None:
         """Forget every cached block nobody uses (after a weight change, or in tests)."""
         for block in list(self._evictable):
-            del self._block_of[self._hash_of.pop(block)]
+            self._forget(block)
             self._plain.append(block)
         self._evictable.clear()
+
+    def _forget(self, block: int) -> None:
+        key = self._hash_of.pop(block)
+        del self._block_of[key]
+        self.evicted.append(key)
+        self.evictions += 1

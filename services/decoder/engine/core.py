@@ -53,6 +53,17 @@ class EngineStats:
     steps: int
 
 
+@dataclass(frozen=True)
+class PrefixCacheLog:
+    """Blocks the prefix cache started holding and stopped holding: running counts, and the latest
+    keys of each (oldest first; a window of the counts)."""
+
+    registrations: int
+    registered: list[bytes]
+    evictions: int
+    evicted: list[bytes]
+
+
 class EngineCore(Protocol):
     """What `AsyncEngine` drives from its step thread (calls never overlap)."""
 
@@ -76,6 +87,11 @@ class EngineCore(Protocol):
 
     def expert_load(self) -> ExpertLoad | None:
         """Expert load across ranks (an expert-parallel group), or None (one process)."""
+        ...
+
+    def prefix_cache_log(self) -> PrefixCacheLog | None:
+        """The prefix cache's recent changes, for routers that track where prefixes are cached;
+        None when not known here (EP ranks)."""
         ...
 
     def shutdown(self) -> None:

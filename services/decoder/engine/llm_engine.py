@@ -18,7 +18,7 @@ import torch
 
 from services.common.errors import CapacityError, InternalError, InvalidInputError
 from services.decoder.engine.block_pool import MediaKey
-from services.decoder.engine.core import EngineStats, ExpertLoad, MediaSpan, StepOutput
+from services.decoder.engine.core import EngineStats, ExpertLoad, MediaSpan, PrefixCacheLog, StepOutput
 from services.decoder.engine.params import SamplingParams
 from services.decoder.engine.sampling import make_generator, sample
 from services.decoder.engine.scheduler import ScheduledBatch, Scheduler, SeqState
@@ -195,6 +195,10 @@ class LLMEngine:
 
     def expert_load(self) -> ExpertLoad | None:
         return None  # every expert is in this process
+
+    def prefix_cache_log(self) -> PrefixCacheLog:
+        pool = self.scheduler.pool  # each list() is one C-level copy: safe beside the step thread
+        return PrefixCacheLog(pool.registrations, list(pool.registered), pool.evictions, list(pool.evicted))
 
     def shutdown(self) -> None:
         pass  # holds nothing outside this process

@@ -235,6 +235,9 @@ class EPEngine:
         mean = sum(self._rows) / self.size
         return dict(self.expert_tokens), (max(self._rows) / mean if mean > 0 else 1.0)
 
+    def prefix_cache_log(self) -> None:
+        return None  # each rank's cache evicts on its own, in its own process
+
     def stats(self) -> EngineStats:
         known = [s for s in self._stats if s is not None]
         if not known:

@@ -30,7 +30,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,16 @@ from services.decoder.expert_parallel.group import EPEngine, EPSettings, start_g
 from services.decoder.loading import load_text_model
 from services.decoder.service.messages import responses
 from services.decoder.service.metrics import DecoderMetrics, stats_dict
+from services.decoder.service.router import (
+    EVICTED,
+    EVICTIONS,
+    KEY_BYTES,
+    REGISTERED,
+    REGISTRATIONS,
+    ROUTER_CLASS,
+)
 from services.decoder.service.translate import ModelFacts, translate
+from services.scaling.routing import RouterSettings
 from services.scaling.serve_policies import DECODER_POLICY, KV_CACHE_USAGE, RUNNING, WAITING
 from services.vision_encoder.cache import EmbeddingCache
 from services.vision_encoder.client import EncoderClients
@@ -81,6 +90,7 @@ DEFAULT_AUTOSCALING: dict[str, Any] = {
     "policy": {"policy_function": DECODER_POLICY},
 }
 DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 120.0  # downscaling lets running generations finish
+ROUTING_STATS_PERIOD_S = 2.0  # how often callers' routers learn of each replica's evictions
 SHUTDOWN_DRAIN_S = 5.0  # Serve has already drained; this covers requests that slipped in late
 _DEPLOYMENT_OPTIONS = ("max_ongoing_requests", "graceful_shutdown_timeout_s", "health_check_period_s",
                        "health_check_timeout_s")  # fmt: skip
@@ -116,6 +126,7 @@ class DecoderSettings:
     fetch_from_encoders: bool = False
     encoder_token_env: str | None = None
     ep: EPSettings = field(default_factory=EPSettings)  # size > 1: an expert-parallel group of ranks
+    routing: RouterSettings = field(default_factory=RouterSettings)  # how callers pick a replica
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> DecoderSettings:
@@ -127,6 +138,12 @@ class DecoderSettings:
             **known_fields(EmbeddingCacheSettings, values.get("cache"), "cache setting")
         )
         values["ep"] = EPSettings(**known_fields(EPSettings, values.get("ep"), "ep setting"))
+        try:
+            values["routing"] = RouterSettings(
+                **known_fields(RouterSettings, values.get("routing"), "routing setting")
+            )
+        except ValueError as e:
+            raise InvalidInputError(f"decoder routing: {e}") from e
         check_dtype_name(values.get("dtype", "auto"))
         if values.get("metrics_interval_s", 1.0) <= 0 or values.get("max_waiting_requests", 1) < 1:
             raise InvalidInputError("metrics_interval_s must be > 0 and max_waiting_requests >= 1")
@@ -269,6 +286,19 @@ class DecoderServer:
             **self._expert_summary(),
         }
 
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """What the callers' routers read (`router.PrefixAffinityRouter`): the prefix blocks this
+        replica's cache took and evicted, counted, with the latest keys (cut as routers keep them)."""
+        log = self.engine.engine.prefix_cache_log()
+        if log is None:
+            return {}
+        return {
+            REGISTRATIONS: log.registrations,
+            REGISTERED: [key[:KEY_BYTES] for key in log.registered],
+            EVICTIONS: log.evictions,
+            EVICTED: [key[:KEY_BYTES] for key in log.evicted],
+        }
+
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaling figures for this replica (`scaling.serve_policies.DecoderScalingPolicy`):
         sequences in the batch, requests held but not admitted, and the KV cache's share in use."""
@@ -319,6 +349,25 @@ class DecoderServer:
         logger.info("decoder stopped (%d requests were still open)", open_requests)
 
 
+def request_router_options(settings: DecoderSettings, placeholder_id: int) -> dict[str, Any]:
+    """The deployment's `request_router_config` for `settings.routing` (none: Serve's default)."""
+    if settings.routing.policy != "prefix_affinity":
+        return {}
+    kwargs = {
+        **asdict(settings.routing),
+        "placeholder_id": placeholder_id,
+        "block_size": settings.engine.block_size,
+    }
+    del kwargs["policy"]
+    return {
+        "request_router_config": {
+            "request_router_class": ROUTER_CLASS,
+            "request_router_kwargs": kwargs,
+            "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
+        }
+    }
+
+
 class _ServedDecoderServer(DecoderServer):
     """What Serve runs: Serve awaits `__del__` after draining a replica it stops."""
 
@@ -358,4 +407,6 @@ def build_app(args: Mapping[str, Any]) -> Application:
         num_gpus = 1 if on_cuda else 0
     settings = replace(settings, num_threads=stage_threads(settings.num_threads, num_cpus, on_cuda))
     options["ray_actor_options"] = {"num_cpus": num_cpus, "num_gpus": float(num_gpus)}
+    placeholder_id = load_config(settings.checkpoint_dir).media_placeholder_token_id
+    options = {**request_router_options(settings, placeholder_id), **options}
     return DecoderDeployment.options(**options).bind(settings)

@@ -16,7 +16,6 @@ pictures share KV blocks and different ones never do.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from services.common.tokenizer import KimiTokenizer
 from services.decoder.engine.async_engine import GenerationRequest
 from services.decoder.engine.core import MediaSpan
 from services.decoder.service.messages import sampling_params
+from services.decoder.service.prefix_keys import inline_content_hash, placeholder_runs
 from services.vision_encoder.cache import EmbeddingCache
 from services.vision_encoder.redis_cache import RedisCacheStats
 
@@ -60,22 +60,6 @@ class Prompt:
 # ---------------------------------------------------------------------------------------------
 # proto -> core
 # ---------------------------------------------------------------------------------------------
-
-
-def placeholder_runs(ids: Sequence[int], placeholder_id: int) -> list[tuple[int, int]]:
-    """(start, length) of each maximal run of the placeholder id."""
-    runs: list[tuple[int, int]] = []
-    i, n = 0, len(ids)
-    while i < n:
-        if ids[i] != placeholder_id:
-            i += 1
-            continue
-        j = i
-        while j < n and ids[j] == placeholder_id:
-            j += 1
-        runs.append((i, j - i))
-        i = j
-    return runs
 
 
 def _segments(media: Sequence[pb.MediaEmbeddings]) -> list[tuple[str, pb.EmbeddingSegment]]:
@@ -110,14 +94,6 @@ def _token_prompt(
                 f"{segment.num_tokens}"
             )
     return ids, segments, runs
-
-
-def inline_content_hash(msg: Any) -> str:
-    """The prefix-cache key of inline embeddings: a digest of their dtype, shape and raw bytes."""
-    digest = hashlib.blake2b(digest_size=20)
-    digest.update(f"{msg.dtype}:{list(msg.shape)}:".encode())
-    digest.update(msg.data)
-    return "inline-blake2b:" + digest.hexdigest()
 
 
 def _inline(where: str, segment: pb.EmbeddingSegment, hidden: int) -> torch.Tensor:
