@@ -7,17 +7,22 @@ every Ray process on the machine."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 from services_fixtures import free_port
 from test_serve_command import _cmdline, alive, descendants
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class RayNodes:
@@ -39,24 +44,70 @@ class RayNodes:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _ray(self, *args: str) -> None:
+    def _ray(self, *args: str, env: dict[str, str] | None = None) -> None:
         ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-        result = subprocess.run([ray, *args], env=self.env, capture_output=True, text=True, timeout=180)
+        result = subprocess.run(
+            [ray, *args], env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=180
+        )
         assert result.returncode == 0, result.stdout + result.stderr
 
-    def start_head(self, num_cpus: float = 0) -> None:
+    def start_head(self, num_cpus: int = 0, labels: dict[str, str] | None = None, *extra: str,
+                   env: dict[str, str] | None = None) -> None:  # fmt: skip
+        """The head; `extra` flags and `env` for it alone (the fake autoscaler's)."""
         self._ray("start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                   f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
                   "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                  f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats")  # fmt: skip
-        self.nodes.append({})
+                  f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats",
+                  *_labels(labels), *extra, env=env)  # fmt: skip
+        self.nodes.append(labels or {})
 
-    def add_node(self, num_cpus: float, labels: dict[str, str]) -> None:
-        text = ",".join(f"{k}={v}" for k, v in labels.items())
+    def add_node(self, num_cpus: int, labels: dict[str, str], num_gpus: int = 0) -> None:
+        """A worker node; its GPUs are logical (a resource the replicas reserve, nothing more)."""
         self._ray("start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
-                  f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
-                  f"--labels={text}", "--disable-usage-stats")  # fmt: skip
+                  f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--temp-dir={self.temp_dir}",
+                  *_labels(labels), "--disable-usage-stats")  # fmt: skip
         self.nodes.append(labels)
+
+    def deploy_pipeline(self, checkpoint: Path, redis_url: str, sets: list[str]) -> str:
+        """cluster/pipeline.yaml through the CPU-nodes overlay (`kimi-vl render-config`, with these
+        `--set`s after the checkpoint, Redis and free ports), deployed with `serve deploy`; returns the
+        HTTP root once /health answers 200."""
+        http, grpc_port = free_port(), free_port()
+        config = Path(self.temp_dir + "-pipeline.yaml")
+        app = "applications.kimi-vl.args"
+        render = [sys.executable, "-m", "services.cli", "render-config", "--overlay",
+                  str(ROOT / "cluster" / "overlays" / "cpu-nodes.yaml"), "--out", str(config)]  # fmt: skip
+        for item in [f"{app}.checkpoint_dir={checkpoint}", f"{app}.redis_url={redis_url}",
+                     f"{app}.served_model_name=null", f"http_options.port={http}",
+                     f"grpc_options.port={grpc_port}", *sets]:  # fmt: skip
+            render += ["--set", item]
+        subprocess.run(render, check=True, timeout=120, cwd=ROOT)
+        serve_cli = str(Path(sys.executable).with_name("serve"))
+        result = subprocess.run([serve_cli, "deploy", str(config), "--address", self.dashboard_url],
+                                env=self.env, capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        url = f"http://127.0.0.1:{http}"
+        deadline = time.monotonic() + 300
+        while not _healthy(url):
+            assert time.monotonic() < deadline, "the deployed pipeline never became healthy"
+            time.sleep(1.0)
+        return url
+
+    def query(self, script: str) -> Any:
+        """Run `script` as a driver on this cluster (a process of its own; sys.argv[1] is the
+        address) and return the JSON it prints last."""
+        result = subprocess.run([sys.executable, "-c", script, self.address], env=self.env,
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def replica_nodes(self) -> dict[str, list[tuple[str, str]]]:
+        """Deployment name -> (the `kimi-vl/stage` label, node id) of each live replica."""
+        return {name: [tuple(x) for x in where] for name, where in self.query(_REPLICA_NODES).items()}
+
+    def nodes_by_stage(self) -> dict[str, int]:
+        """Live nodes per `kimi-vl/stage` label."""
+        return dict(self.query(_NODES_BY_STAGE))
 
     def serve_logs(self, prefix: str) -> str:
         """Every Serve log file on this machine's nodes whose name starts with `prefix`."""
@@ -86,3 +137,36 @@ class RayNodes:
             while any(alive(p) for p in procs) and time.monotonic() < deadline:
                 time.sleep(0.3)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _labels(labels: dict[str, str] | None) -> list[str]:
+    return [f"--labels={','.join(f'{k}={v}' for k, v in labels.items())}"] if labels else []
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+_REPLICA_NODES = """
+import json, sys, ray
+from ray.util.state import list_actors
+ray.init(address=sys.argv[1], log_to_driver=False)
+labels = {n["NodeID"]: n.get("Labels", {}) for n in ray.nodes() if n["Alive"]}
+out = {}
+for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+    if actor.class_name.startswith("ServeReplica:kimi-vl:"):
+        stage = labels.get(actor.node_id, {}).get("kimi-vl/stage")
+        out.setdefault(actor.class_name.rsplit(":", 1)[1], []).append((stage, actor.node_id))
+print(json.dumps(out))
+"""
+
+_NODES_BY_STAGE = """
+import collections, json, sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+alive = [n for n in ray.nodes() if n["Alive"]]
+print(json.dumps(collections.Counter(n.get("Labels", {}).get("kimi-vl/stage") for n in alive)))
+"""

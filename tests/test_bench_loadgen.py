@@ -146,6 +146,7 @@ def test_summarize_level_with_failures():
     assert level.e2e_s_p50 == pytest.approx(0.49)
     assert level.ttft_s_p50_turn1 == pytest.approx(0.5)
     assert level.ttft_s_p50_later_turns == pytest.approx(0.1)
+    assert level.ttft_s_p95_later_turns is not None and level.ttft_s_p95_later_turns >= 0.1
     assert level.ttft_p50_ratio_later_to_turn1 == pytest.approx(0.2)
     assert level.ttft_s_p50_by_turn == pytest.approx([0.5, 0.1])
     assert level.cached_token_fraction_by_turn == pytest.approx([0.0, 0.5])

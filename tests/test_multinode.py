@@ -1,7 +1,7 @@
-"""The whole pipeline on a Ray cluster of four labelled nodes on this machine (`ray start`, CPUs
-standing in for GPUs), deployed with `serve deploy` from the shipped cluster/pipeline.yaml through
-the CPU-nodes overlay (`kimi-vl render-config`), with a real redis-server and both secrets in the
-nodes' environment as in production:
+"""The whole pipeline on a Ray cluster of labelled nodes on this machine (`ray start`, nodes shaped
+like rayservice.yaml's groups, their GPUs logical), deployed with `serve deploy` from the shipped
+cluster/pipeline.yaml through the CPU-nodes overlay (`kimi-vl render-config`), with a real
+redis-server and both secrets in the nodes' environment as in production:
 
 - every stage's replicas run on the nodes of its label, scaled-up ones included;
 - answers, whose patches cross from the cpu node to the encoder node over its gRPC server and
@@ -14,10 +14,7 @@ nodes' environment as in production:
 from __future__ import annotations
 
 import io
-import json
 import re
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -29,6 +26,7 @@ import openai
 import pytest
 import redis
 import torch
+from node_groups import node_groups
 from PIL import Image
 from ray_nodes import RayNodes
 from test_pipeline_e2e import image_part, png, user
@@ -38,13 +36,12 @@ from services.decoder.engine.params import SamplingParams
 from services.offline import OfflinePipeline
 
 pytest_plugins = ["redis_fixtures"]
-from redis_fixtures import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "multinode-key-0123456789"
 ENCODER_TOKEN = "multinode-encoder-token-0123456789"
-NODES = [(2, "cpu"), (1, "encoder"), (2, "decoder")]  # logical CPUs and the stage label per node
+NODES = ["cpu", "gpu-encoder", "gpu-decoder", "gpu-decoder"]  # rayservice.yaml's groups: one node each
 DECODER = "applications.kimi-vl.deployments.DecoderServer.autoscaling_config"
 # the test's own pace: the shipped delays are tens of seconds, its target 48 sequences a replica
 FAST_SCALING = [f"{DECODER}.upscale_delay_s=0", f"{DECODER}.downscale_delay_s=4",
@@ -63,68 +60,24 @@ def checkpoint(tmp_path_factory) -> Path:
 def cluster():
     nodes = RayNodes(env={"KIMI_VL_API_KEY": API_KEY, "KIMI_VL_ENCODER_TOKEN": ENCODER_TOKEN})
     try:
-        nodes.start_head(num_cpus=0)  # Serve's controller and proxy only: no stage fits there
-        for cpus, stage in NODES:
-            nodes.add_node(cpus, {"kimi-vl/stage": stage})
+        head, groups = node_groups()
+        nodes.start_head(head.num_cpus, head.labels)  # Serve's controller and proxy only
+        for name in NODES:
+            group = groups[name]
+            nodes.add_node(group.num_cpus, group.labels, group.num_gpus)
         yield nodes
     finally:
         nodes.stop()
 
 
 @pytest.fixture(scope="module")
-def deployed(cluster, redis_server, checkpoint, tmp_path_factory):
+def deployed(cluster, redis_server, checkpoint):
     redis_server.ensure_running()
-    http, grpc_port = free_port(), free_port()
-    config = tmp_path_factory.mktemp("deploy") / "pipeline-cpu.yaml"
-    app = "applications.kimi-vl.args"
-    sets = [f"{app}.checkpoint_dir={checkpoint}", f"{app}.redis_url={redis_server.url}",
-            f"{app}.served_model_name=null", f"http_options.port={http}", f"grpc_options.port={grpc_port}",
-            *FAST_SCALING]  # fmt: skip
-    render = [sys.executable, "-m", "services.cli", "render-config", "--overlay",
-              str(ROOT / "cluster" / "overlays" / "cpu-nodes.yaml"), "--out", str(config)]  # fmt: skip
-    for item in sets:
-        render += ["--set", item]
-    subprocess.run(render, check=True, timeout=120, cwd=ROOT)
-    serve_cli = str(Path(sys.executable).with_name("serve"))
-    result = subprocess.run([serve_cli, "deploy", str(config), "--address", cluster.dashboard_url],
-                            env=cluster.env, capture_output=True, text=True, timeout=180)  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    url = f"http://127.0.0.1:{http}"
-    deadline = time.monotonic() + 300
-    while not _healthy(url):
-        assert time.monotonic() < deadline, "the deployed pipeline never became healthy"
-        time.sleep(1.0)
-    return url
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-# a driver on the cluster, in a process of its own: which node each replica runs on
-_PLACEMENT = """
-import json, sys, ray
-from ray.util.state import list_actors
-ray.init(address=sys.argv[1], log_to_driver=False)
-labels = {n["NodeID"]: n.get("Labels", {}) for n in ray.nodes() if n["Alive"]}
-out = {}
-for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-    if actor.class_name.startswith("ServeReplica:kimi-vl:"):
-        stage = labels.get(actor.node_id, {}).get("kimi-vl/stage")
-        out.setdefault(actor.class_name.rsplit(":", 1)[1], []).append(stage)
-print(json.dumps(out))
-"""
+    return cluster.deploy_pipeline(checkpoint, redis_server.url, FAST_SCALING)
 
 
 def placement(cluster: RayNodes) -> dict[str, list[str]]:
-    result = subprocess.run([sys.executable, "-c", _PLACEMENT, cluster.address], env=cluster.env,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return {name: [stage for stage, _ in where] for name, where in cluster.replica_nodes().items()}
 
 
 def client(url: str) -> openai.OpenAI:

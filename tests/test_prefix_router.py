@@ -89,9 +89,12 @@ def test_a_much_busier_holder_yields_to_the_least_loaded():
 
 
 def test_a_short_match_is_not_affinity():
-    """A shared system prompt (2 of 10 blocks) says nothing about where the conversation lives."""
+    """A shared system prompt (2 of 10 blocks) says nothing about where the conversation lives, and
+    a short prompt's one shared template block saves too little prefill to outweigh any load."""
     decision = choose(K, {"a": 0, "b": 3}, index_with({"b": 2}), S, now=1)
     assert (decision.replica, decision.by_affinity) == ("a", False)
+    short = choose(K[:2], {"a": 1, "b": 0}, index_with({"a": 2}), S, now=1)
+    assert (short.replica, short.by_affinity) == ("b", False)  # 2 of 2 blocks, but under 4
 
 
 def test_new_conversations_go_by_load_so_a_new_replica_takes_them():
@@ -159,7 +162,9 @@ def test_a_recorded_trace_of_conversations_stays_affine_and_balanced():
     assert sorted(loads.values()) == [10, 10, 10]
 
 
-@pytest.mark.parametrize("bad", [{"policy": "random"}, {"min_match_ratio": 2}, {"balance_rel": 0.5}])
+@pytest.mark.parametrize(
+    "bad", [{"policy": "random"}, {"min_match_ratio": 2}, {"balance_rel": 0.5}, {"min_match_blocks": 0}]
+)
 def test_settings_refuse_nonsense(bad):
     with pytest.raises(ValueError):
         RouterSettings(**bad)

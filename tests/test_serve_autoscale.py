@@ -101,12 +101,18 @@ def test_the_decoder_scales_up_under_load_and_down_after_it_losing_nothing(tmp_p
 
         with ThreadPoolExecutor(8) as pool:
             loops = [pool.submit(client_loop, i) for i in range(8)]
-            wait_until(
-                lambda: serve.replicas("DecoderServer") == 2, 120, "a second decoder", lambda: serve.output
-            )
-            # the new replica takes traffic: Serve's own per-replica counters show two replicas served
-            wait_until(lambda: len(per_replica_requests(serve.http)) == 2, 90, "traffic on both", lambda: "")
-            stop.set()
+            try:
+                wait_until(
+                    lambda: serve.replicas("DecoderServer") == 2 or any(f.done() for f in loops),
+                    120, "a second decoder", lambda: serve.output,
+                )  # fmt: skip
+                # the new replica takes traffic: Serve's per-replica counters show two replicas served
+                wait_until(
+                    lambda: len(per_replica_requests(serve.http)) == 2, 90, "traffic on both",
+                    lambda: str(per_replica_requests(serve.http)),
+                )  # fmt: skip
+            finally:
+                stop.set()  # the clients stop, whatever failed above
             for loop in loops:
                 loop.result()  # a client that saw an error raises it here
         assert results and all(r == (SHORT, "length") for r in results), results

@@ -118,7 +118,7 @@ def test_three_decoder_replicas_give_the_offline_ids(tmp_path):
         # conversations, each about its own picture: every later turn goes where its earlier turns
         # are cached, whichever ingress replica (each runs its own router) takes it
         conversations = [
-            [user(image_part(png(400 + c)), f"Conversation {c}: describe it.")] for c in range(6)
+            [user(image_part(png(400 + c, (320, 320))), f"Conversation {c}: describe it.")] for c in range(6)
         ]
         previous = [0] * len(conversations)
         for turn in range(3):

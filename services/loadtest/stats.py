@@ -108,6 +108,7 @@ class LevelReport:
     e2e_s_mean: float | None
     ttft_s_p50_turn1: float | None
     ttft_s_p50_later_turns: float | None
+    ttft_s_p95_later_turns: float | None
     ttft_p50_ratio_later_to_turn1: float | None
     ttft_s_p50_by_turn: list[float | None]
     cached_token_fraction_by_turn: list[float | None]  # mean of cached/prompt tokens per request
@@ -169,6 +170,7 @@ def summarize_level(
         **_spread("e2e_s", [r.e2e_s for r in ok]),
         ttft_s_p50_turn1=ttft_first,
         ttft_s_p50_later_turns=ttft_later,
+        ttft_s_p95_later_turns=_pct(later, 95),
         ttft_p50_ratio_later_to_turn1=ratio,
         ttft_s_p50_by_turn=ttft_by_turn,
         cached_token_fraction_by_turn=cached_by_turn,

@@ -20,9 +20,10 @@ engine's own lookup decides what is reused.
 
 The choice (`choose`), after SGLang's cache-aware router and Ray Serve LLM's prefix-aware one:
 - the best replica is the one whose cached prefix covers the most leading blocks (ties: the less
-  loaded); it wins if that prefix is at least `min_match_ratio` of the prompt's blocks and its
-  load is not past both `balance_abs` more and `balance_rel` times more ongoing requests than the
-  least-loaded replica's;
+  loaded); it wins if that prefix is at least `min_match_ratio` of the prompt's blocks and at
+  least `min_match_blocks` long (a chat template's opening block, which every request shares,
+  saves too little prefill to outweigh any load), and its load is not past both `balance_abs`
+  more and `balance_rel` times more ongoing requests than the least-loaded replica's;
 - otherwise the least-loaded replica (ties: the longest prefix), so a new replica takes new
   conversations and a hot one is relieved.
 """
@@ -44,6 +45,7 @@ class RouterSettings:
 
     policy: str = "prefix_affinity"  # or power_of_two: Serve's default router, blind to the caches
     min_match_ratio: float = 0.5  # share of the prompt's blocks a cached prefix must cover
+    min_match_blocks: int = 4  # and at least this many: a shorter prefix saves too little prefill
     balance_abs: int = 8  # affinity yields when the best replica has this many more ongoing requests
     balance_rel: float = 1.5  # ... and this many times the least-loaded replica's
     index_blocks: int = 1 << 18  # block keys the index holds (8 bytes each, plus bookkeeping)
@@ -56,8 +58,8 @@ class RouterSettings:
             raise ValueError(f"min_match_ratio must be in [0, 1], got {self.min_match_ratio}")
         if self.balance_abs < 0 or self.balance_rel < 1:
             raise ValueError("balance_abs must be >= 0 and balance_rel >= 1")
-        if self.index_blocks < 1 or self.ttl_s <= 0:
-            raise ValueError("index_blocks must be >= 1 and ttl_s > 0")
+        if self.min_match_blocks < 1 or self.index_blocks < 1 or self.ttl_s <= 0:
+            raise ValueError("min_match_blocks and index_blocks must be >= 1 and ttl_s > 0")
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,8 @@ def choose(
     matched = index.matched(keys, replicas, now)
     best = max(replicas, key=lambda r: (matched[r], -loads[r]))
     least = min(replicas, key=lambda r: (loads[r], -matched[r]))
-    enough = bool(keys) and matched[best] > 0 and matched[best] >= settings.min_match_ratio * len(keys)
+    needed = max(settings.min_match_blocks, settings.min_match_ratio * len(keys))
+    enough = matched[best] >= needed
     busier = (
         loads[best] - loads[least] > settings.balance_abs
         and loads[best] > settings.balance_rel * loads[least]
