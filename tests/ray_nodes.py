@@ -57,7 +57,8 @@ class RayNodes:
         self._ray("start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                   f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
                   "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                  f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats",
+                  f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+                  "--disable-usage-stats",
                   *_labels(labels), *extra, env=env)  # fmt: skip
         self.nodes.append(labels or {})
 
@@ -119,12 +120,18 @@ class RayNodes:
         daemons = {
             int(p.name)
             for p in Path("/proc").iterdir()
-            if p.name.isdigit() and self.temp_dir in _cmdline(p) and int(p.name) != os.getpid()
+            if p.name.isdigit() and int(p.name) != os.getpid() and self._ours(_cmdline(p))
         }
         found = set(daemons)
         for pid in daemons:
             found |= descendants(pid)
         return found
+
+    def _ours(self, cmdline: str) -> bool:
+        # the daemons name the temp dir; the head's Ray client server names only the GCS address
+        return self.temp_dir in cmdline or (
+            "ray.util.client.server" in cmdline and f":{self.port} " in cmdline + " "
+        )
 
     def stop(self) -> None:
         procs = self.processes()
@@ -137,6 +144,7 @@ class RayNodes:
             while any(alive(p) for p in procs) and time.monotonic() < deadline:
                 time.sleep(0.3)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        Path(self.temp_dir + "-pipeline.yaml").unlink(missing_ok=True)
 
 
 def _labels(labels: dict[str, str] | None) -> list[str]:
@@ -157,7 +165,7 @@ from ray.util.state import list_actors
 ray.init(address=sys.argv[1], log_to_driver=False)
 labels = {n["NodeID"]: n.get("Labels", {}) for n in ray.nodes() if n["Alive"]}
 out = {}
-for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+for actor in list_actors(address=sys.argv[1], filters=[("state", "=", "ALIVE")], limit=1000):
     if actor.class_name.startswith("ServeReplica:kimi-vl:"):
         stage = labels.get(actor.node_id, {}).get("kimi-vl/stage")
         out.setdefault(actor.class_name.rsplit(":", 1)[1], []).append((stage, actor.node_id))
