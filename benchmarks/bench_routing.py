@@ -90,7 +90,7 @@ class Server:
         pattern = r"^ray_serve_deployment_request_counter_total\{([^}]*)\} (\S+)$"
         for labels, value in re.findall(pattern, body, re.MULTILINE):
             tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-            if tags.get("deployment") == "DecoderServer" and tags.get("route", "generate") == "generate":
+            if tags.get("deployment") == "DecoderServer":
                 out[tags["replica"]] = out.get(tags["replica"], 0.0) + float(value)
         return out
 
