@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -25,12 +24,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import openai
+
+from services.loadtest.serve_metrics import fetch_page, replica_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 DECODER = "applications.kimi-vl.deployments.DecoderServer.autoscaling_config"
@@ -55,17 +55,6 @@ def render(args: argparse.Namespace, out: Path) -> None:
     for item in sets:
         argv += ["--set", item]
     subprocess.run(argv, check=True, cwd=ROOT, timeout=120)
-
-
-def decoder_requests(url: str) -> dict[str, float]:
-    body = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
-    out: dict[str, float] = {}
-    for labels, value in re.findall(r"^ray_serve_deployment_request_counter_total\{([^}]*)\} (\S+)$",
-                                    body, re.MULTILINE):  # fmt: skip
-        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if tags.get("deployment") == "DecoderServer":
-            out[tags["replica"]] = out.get(tags["replica"], 0.0) + float(value)
-    return out
 
 
 class Load:
@@ -165,12 +154,12 @@ def run(args: argparse.Namespace, server: subprocess.Popen[str], url: str) -> di
     t0 = time.monotonic()
     load.add_clients(args.before)
     time.sleep(args.phase_s)
-    first = decoder_requests(url)
+    first = replica_requests(fetch_page(url), "DecoderServer")
     step = time.monotonic()
     load.add_clients(args.after - args.before)
     took = None
     while time.monotonic() - step < args.timeout_s:
-        served = decoder_requests(url)
+        served = replica_requests(fetch_page(url), "DecoderServer")
         new = [r for r, n in served.items() if r not in first and n > 0]
         if new:
             took = time.monotonic() - step

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -35,6 +34,8 @@ from typing import Any
 import numpy as np
 import yaml
 from PIL import Image
+
+from services.loadtest.serve_metrics import fetch_page, replica_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,14 +86,7 @@ class Server:
 
     def decoder_requests(self) -> dict[str, float]:
         """Requests each decoder replica has served (Serve's per-replica counter)."""
-        body = urllib.request.urlopen(f"{self.url}/metrics", timeout=30).read().decode()
-        out: dict[str, float] = {}
-        pattern = r"^ray_serve_deployment_request_counter_total\{([^}]*)\} (\S+)$"
-        for labels, value in re.findall(pattern, body, re.MULTILINE):
-            tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-            if tags.get("deployment") == "DecoderServer":
-                out[tags["replica"]] = out.get(tags["replica"], 0.0) + float(value)
-        return out
+        return replica_requests(fetch_page(self.url), "DecoderServer")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -173,6 +167,7 @@ def main() -> int:
     p.add_argument("--text-concurrency", type=int, default=6)
     p.add_argument("--timeout-s", type=float, default=1800)
     p.add_argument("--only", choices=["multi-turn", "no-prefix"], default=None)
+    p.add_argument("--configs", default="affinity-3,default-3,one-replica", help="multi-turn ones to run")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -187,6 +182,8 @@ def main() -> int:
             configs = (("affinity-3", 3, "prefix_affinity"), ("default-3", 3, "power_of_two"),
                        ("one-replica", 1, "prefix_affinity"))  # fmt: skip
             for name, decoders, policy in configs:
+                if name not in args.configs.split(","):
+                    continue
                 results.append(run_config(args, folder, f"multi-turn-{name}", decoders, policy, turns))
         if args.only in (None, "no-prefix"):
             text = ["--turns", "1", "--num-requests", str(args.text_requests), "--concurrency",

@@ -80,3 +80,17 @@ class ServeProcess:
             if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def stream_tokens(api: Any, model: str, text: str, max_tokens: int) -> tuple[int, str | None]:
+    """One streamed greedy completion through the `openai` client: tokens received, how it ended."""
+    tokens, finish = 0, None
+    chunks = api.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], max_tokens=max_tokens,
+        temperature=0, stream=True, extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    for chunk in chunks:
+        for choice in chunk.choices:
+            tokens += len(choice.model_extra.get("token_ids") or [])
+            finish = choice.finish_reason or finish
+    return tokens, finish

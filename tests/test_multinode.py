@@ -17,8 +17,6 @@ import io
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,10 +27,12 @@ import torch
 from node_groups import node_groups
 from PIL import Image
 from ray_nodes import RayNodes
+from serve_process import stream_tokens
 from test_pipeline_e2e import image_part, png, user
 
 from services.common.checkpoint import write_checkpoint
 from services.decoder.engine.params import SamplingParams
+from services.loadtest.serve_metrics import fetch_page, replica_requests
 from services.offline import OfflinePipeline
 
 pytest_plugins = ["redis_fixtures"]
@@ -115,30 +115,6 @@ def test_answers_across_nodes_are_the_offline_ids(deployed, checkpoint, redis_se
     assert len(keys) > 2
 
 
-def _stream(api: openai.OpenAI, model: str, text: str, max_tokens: int) -> tuple[int, str | None]:
-    tokens, finish = 0, None
-    chunks = api.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": text}], max_tokens=max_tokens,
-        temperature=0, stream=True, extra_body={"ignore_eos": True, "return_token_ids": True},
-    )  # fmt: skip
-    for chunk in chunks:
-        for choice in chunk.choices:
-            tokens += len(choice.model_extra.get("token_ids") or [])
-            finish = choice.finish_reason or finish
-    return tokens, finish
-
-
-def _decoders_served(url: str) -> int:
-    request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
-    body = urllib.request.urlopen(request, timeout=30).read().decode()
-    replicas = set()
-    for labels in re.findall(r"^ray_serve_deployment_request_counter_total\{([^}]*)\}", body, re.MULTILINE):
-        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if tags.get("deployment") == "DecoderServer":
-            replicas.add(tags.get("replica"))
-    return len(replicas)
-
-
 def _wait(condition, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -156,7 +132,7 @@ def test_the_decoder_scales_on_its_nodes_and_back_losing_nothing(cluster, deploy
     def client_loop(i: int) -> None:
         n = 0
         while not stop.is_set():
-            results.append(_stream(api, model, f"client {i} request {n}", SHORT))
+            results.append(stream_tokens(api, model, f"client {i} request {n}", SHORT))
             n += 1
 
     with ThreadPoolExecutor(8) as pool:
@@ -165,7 +141,11 @@ def test_the_decoder_scales_on_its_nodes_and_back_losing_nothing(cluster, deploy
             _wait(lambda: len(placement(cluster).get("DecoderServer", [])) == 2
                   or any(f.done() for f in loops), 180, "second decoder replica")  # fmt: skip
             assert placement(cluster)["DecoderServer"] == ["decoder", "decoder"]
-            _wait(lambda: _decoders_served(deployed) == 2, 90, "traffic on the new replica")
+            _wait(
+                lambda: len(replica_requests(fetch_page(deployed, API_KEY), "DecoderServer")) == 2,
+                90,
+                "traffic on the new replica",
+            )
         finally:
             stop.set()
         for loop in loops:
@@ -173,7 +153,7 @@ def test_the_decoder_scales_on_its_nodes_and_back_losing_nothing(cluster, deploy
     assert results and all(r == (SHORT, "length") for r in results), results
 
     with ThreadPoolExecutor(2) as pool:
-        long = [pool.submit(_stream, api, model, f"long {i}", LONG) for i in range(2)]
+        long = [pool.submit(stream_tokens, api, model, f"long {i}", LONG) for i in range(2)]
         downscaled = re.compile(r"Downscaling .*DecoderServer.* from 2 to 1")
         _wait(lambda: downscaled.search(cluster.serve_logs("controller")) is not None, 180, "scale-down")
         in_flight_at_downscale = sum(not f.done() for f in long)

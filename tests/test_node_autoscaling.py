@@ -11,10 +11,8 @@ sits idle and the autoscaler removes it. No request fails on the way.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,8 +22,10 @@ import torch
 import yaml
 from node_groups import fake_autoscaler_config, node_groups
 from ray_nodes import RayNodes
+from serve_process import stream_tokens
 
 from services.common.checkpoint import write_checkpoint
+from services.loadtest.serve_metrics import fetch_page, replica_requests
 
 pytest_plugins = ["redis_fixtures"]
 
@@ -65,30 +65,6 @@ def _wait(condition, timeout_s: float, what: str) -> None:
         time.sleep(1.0)
 
 
-def _stream(api: openai.OpenAI, model: str, text: str) -> tuple[int, str | None]:
-    tokens, finish = 0, None
-    chunks = api.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": text}], max_tokens=32, temperature=0,
-        stream=True, extra_body={"ignore_eos": True, "return_token_ids": True},
-    )  # fmt: skip
-    for chunk in chunks:
-        for choice in chunk.choices:
-            tokens += len(choice.model_extra.get("token_ids") or [])
-            finish = choice.finish_reason or finish
-    return tokens, finish
-
-
-def _decoder_replicas_served(url: str) -> int:
-    request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
-    body = urllib.request.urlopen(request, timeout=30).read().decode()
-    found = set()
-    for labels in re.findall(r"^ray_serve_deployment_request_counter_total\{([^}]*)\}", body, re.MULTILINE):
-        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if tags.get("deployment") == "DecoderServer":
-            found.add(tags.get("replica"))
-    return len(found)
-
-
 def test_load_adds_a_decoder_node_and_its_end_removes_it(cluster, redis_server, tmp_path):
     redis_server.ensure_running()
     checkpoint = write_checkpoint(tmp_path / "autoscaler-tiny", dtype=torch.float32)
@@ -105,7 +81,7 @@ def test_load_adds_a_decoder_node_and_its_end_removes_it(cluster, redis_server, 
     def client_loop(i: int) -> None:
         n = 0
         while not stop.is_set():
-            results.append(_stream(api, model, f"client {i} request {n}"))
+            results.append(stream_tokens(api, model, f"client {i} request {n}", 32))
             n += 1
 
     with ThreadPoolExecutor(8) as pool:
@@ -119,7 +95,11 @@ def test_load_adds_a_decoder_node_and_its_end_removes_it(cluster, redis_server, 
             decoders = cluster.replica_nodes()["DecoderServer"]
             assert [stage for stage, _ in decoders] == ["decoder", "decoder"]
             assert len({node for _, node in decoders}) == 2  # the new replica runs on the new node
-            _wait(lambda: _decoder_replicas_served(url) == 2, 120, "traffic on the new replica")
+            _wait(
+                lambda: len(replica_requests(fetch_page(url, API_KEY), "DecoderServer")) == 2,
+                120,
+                "traffic on the new replica",
+            )
             print(f"decoder node added {node_added_s:.1f} s after the load began")
         finally:
             stop.set()
@@ -132,4 +112,4 @@ def test_load_adds_a_decoder_node_and_its_end_removes_it(cluster, redis_server, 
         lambda: len(cluster.replica_nodes().get("DecoderServer", [])) == 1, 120, "scale-down to one replica"
     )
     _wait(lambda: cluster.nodes_by_stage().get("decoder") == 1, 120, "the idle decoder node removed")
-    assert _stream(api, model, "still served") == (32, "length")
+    assert stream_tokens(api, model, "still served", 32) == (32, "length")

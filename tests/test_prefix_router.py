@@ -97,6 +97,14 @@ def test_a_short_match_is_not_affinity():
     assert (short.replica, short.by_affinity) == ("b", False)  # 2 of 2 blocks, but under 4
 
 
+def test_ties_in_load_do_not_herd_new_conversations():
+    """Every replica idle, one holding the template's opening block: new conversations spread."""
+    index = index_with({"a": 1})
+    fresh = [K[0], *[bytes([200 + i]) * 8 for i in range(5)]]
+    picked = {choose(fresh, {"a": 0, "b": 0, "c": 0}, index, S, now=1).replica for _ in range(60)}
+    assert picked == {"a", "b", "c"}
+
+
 def test_new_conversations_go_by_load_so_a_new_replica_takes_them():
     index = index_with({"a": 10, "b": 10})
     fresh = [bytes([100 + i]) * 8 for i in range(6)]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,9 +15,10 @@ import openai
 import pytest
 import torch
 import yaml
-from serve_process import ServeProcess
+from serve_process import ServeProcess, stream_tokens
 
 from services.common.checkpoint import write_checkpoint
+from services.loadtest.serve_metrics import fetch_page, replica_requests
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 SHIPPED = Path(__file__).resolve().parent.parent / "cluster" / "pipeline.yaml"
@@ -42,29 +42,8 @@ def overlay(path: Path) -> Path:
     return path
 
 
-def stream(client: openai.OpenAI, model: str, text: str, max_tokens: int) -> tuple[int, str | None]:
-    """One streamed completion: the tokens received and how it ended."""
-    tokens, finish = 0, None
-    chunks = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": text}], max_tokens=max_tokens,
-        temperature=0, stream=True, extra_body={"ignore_eos": True, "return_token_ids": True},
-    )  # fmt: skip
-    for chunk in chunks:
-        for choice in chunk.choices:
-            tokens += len(choice.model_extra.get("token_ids") or [])
-            finish = choice.finish_reason or finish
-    return tokens, finish
-
-
-def per_replica_requests(http: int) -> dict[str, float]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=30).read().decode()
-    counts: dict[str, float] = {}
-    for labels, value in re.findall(r"^ray_serve_deployment_request_counter_total\{([^}]*)\} (\S+)$",
-                                    body, re.MULTILINE):  # fmt: skip
-        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if tags.get("deployment") == "DecoderServer":
-            counts[tags["replica"]] = counts.get(tags["replica"], 0.0) + float(value)
-    return counts
+def decoder_requests(http: int) -> dict[str, float]:
+    return replica_requests(fetch_page(f"http://127.0.0.1:{http}"), "DecoderServer")
 
 
 def wait_until(condition, timeout_s: float, what: str, output) -> None:
@@ -96,7 +75,7 @@ def test_the_decoder_scales_up_under_load_and_down_after_it_losing_nothing(tmp_p
         def client_loop(i: int) -> None:
             n = 0
             while not stop.is_set():
-                results.append(stream(client, ready["model"], f"client {i} request {n}", SHORT))
+                results.append(stream_tokens(client, ready["model"], f"client {i} request {n}", SHORT))
                 n += 1
 
         with ThreadPoolExecutor(8) as pool:
@@ -108,8 +87,8 @@ def test_the_decoder_scales_up_under_load_and_down_after_it_losing_nothing(tmp_p
                 )  # fmt: skip
                 # the new replica takes traffic: Serve's per-replica counters show two replicas served
                 wait_until(
-                    lambda: len(per_replica_requests(serve.http)) == 2, 90, "traffic on both",
-                    lambda: str(per_replica_requests(serve.http)),
+                    lambda: len(decoder_requests(serve.http)) == 2, 90, "traffic on both",
+                    lambda: str(decoder_requests(serve.http)),
                 )  # fmt: skip
             finally:
                 stop.set()  # the clients stop, whatever failed above
@@ -120,7 +99,7 @@ def test_the_decoder_scales_up_under_load_and_down_after_it_losing_nothing(tmp_p
         # the load ends: two long streams are left, one per replica (Serve sends each to the less
         # busy one); the policy now wants one replica, and the one removed must finish its stream
         with ThreadPoolExecutor(2) as pool:
-            long = [pool.submit(stream, client, ready["model"], f"long {i}", LONG) for i in range(2)]
+            long = [pool.submit(stream_tokens, client, ready["model"], f"long {i}", LONG) for i in range(2)]
             wait_until(lambda: "Downscaling" in serve.serve_logs("controller"), 120, "a downscale",
                        lambda: serve.serve_logs("controller")[-3000:])  # fmt: skip
             in_flight_at_downscale = sum(not f.done() for f in long)

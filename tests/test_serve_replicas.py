@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from test_pipeline_e2e import image_part, png, user
 from services.common.checkpoint import write_checkpoint
 from services.decoder.engine.params import SamplingParams
 from services.decoder.service.server import ROUTING_STATS_PERIOD_S
+from services.loadtest.serve_metrics import fetch_page, replica_requests
 from services.offline import OfflinePipeline
 from services.pipeline.replicas import STAGE_DEPLOYMENTS
 
@@ -62,18 +62,6 @@ def served_answer(client: openai.OpenAI, text: str, image: bytes | None) -> list
     return response.choices[0].model_extra["token_ids"]
 
 
-def decoder_replicas_that_served(http: int) -> dict[str, float]:
-    """Serve's own per-replica request counter for the decoder, from the merged /metrics page."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=30).read().decode()
-    counts: dict[str, float] = {}
-    for labels, value in re.findall(r"^ray_serve_deployment_request_counter_total\{([^}]*)\} (\S+)$",
-                                    body, re.MULTILINE):  # fmt: skip
-        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if tags.get("deployment") == "DecoderServer":
-            counts[tags["replica"]] = counts.get(tags["replica"], 0.0) + float(value)
-    return counts
-
-
 def chat(client: openai.OpenAI, messages: list[dict]) -> Any:
     return client.chat.completions.create(
         model="replicas-tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
@@ -83,7 +71,7 @@ def chat(client: openai.OpenAI, messages: list[dict]) -> Any:
 
 def router_routes(http: int) -> dict[str, float]:
     """The decoder router's requests by route (affinity, load), over every ingress and replica."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=30).read().decode()
+    body = fetch_page(f"http://127.0.0.1:{http}")
     out: dict[str, float] = {}
     for labels, value in re.findall(
         r"^ray_kimi_vl_router_requests_total\{([^}]*)\} (\S+)$", body, re.MULTILINE
@@ -137,7 +125,10 @@ def test_three_decoder_replicas_give_the_offline_ids(tmp_path):
                 ]
 
         deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
-        while len(counts := decoder_replicas_that_served(serve.http)) < 2 and time.monotonic() < deadline:
+        while (
+            len(counts := replica_requests(fetch_page(f"http://127.0.0.1:{serve.http}"), "DecoderServer")) < 2
+            and time.monotonic() < deadline
+        ):
             time.sleep(2.0)
         assert len(counts) >= 2 and sum(counts.values()) >= len(expected), counts
         # 12 later turns by affinity, the first turns and the single questions by load

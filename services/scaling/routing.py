@@ -24,12 +24,13 @@ The choice (`choose`), after SGLang's cache-aware router and Ray Serve LLM's pre
   least `min_match_blocks` long (a chat template's opening block, which every request shares,
   saves too little prefill to outweigh any load), and its load is not past both `balance_abs`
   more and `balance_rel` times more ongoing requests than the least-loaded replica's;
-- otherwise the least-loaded replica (ties: the longest prefix), so a new replica takes new
+- otherwise the least-loaded replica (ties: any of them, at random), so a new replica takes new
   conversations and a hot one is relieved.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
@@ -172,7 +173,10 @@ def choose(
     replicas = list(loads)
     matched = index.matched(keys, replicas, now)
     best = max(replicas, key=lambda r: (matched[r], -loads[r]))
-    least = min(replicas, key=lambda r: (loads[r], -matched[r]))
+    lowest = min(loads.values())
+    # among the least loaded, any: preferring the one holding a short shared prefix (a template's
+    # opening block) would herd every new conversation onto the replica that served first
+    least = random.choice([r for r in replicas if loads[r] == lowest])
     needed = max(settings.min_match_blocks, settings.min_match_ratio * len(keys))
     enough = matched[best] >= needed
     busier = (

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 ROUTER_CLASS = "services.decoder.service.router:PrefixAffinityRouter"
 KEY_BYTES = 8  # a router keeps and a replica reports this much of each block key
+MAX_PENDING = 10_000  # decisions awaiting their request's routing
 # record_routing_stats' names: the replica's prefix-cache log (engine.core.PrefixCacheLog)
 REGISTRATIONS, REGISTERED, EVICTIONS, EVICTED = "cached_total", "cached", "evicted_total", "evicted"
 
@@ -83,16 +84,17 @@ class PrefixAffinityRouter(RequestRouter):
         if pending_request is not None and keys is not None:
             matched = self._index.matched(keys, list(loads), time.monotonic())
             self._pending[pending_request.metadata.internal_request_id] = (keys, decision, matched)
+            while len(self._pending) > MAX_PENDING:  # requests cancelled before they were routed
+                del self._pending[next(iter(self._pending))]
         # the chosen replica first; if its queue is full, the others from the least loaded up
         rest = sorted((r for r in loads if r != decision.replica), key=lambda r: loads[r])
         return [[by_id[decision.replica]], [by_id[r] for r in rest]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         entry = self._pending.pop(pending_request.metadata.internal_request_id, None)
-        name = replica_id.unique_id
         if entry is None:
-            self._requests.inc(tags={"replica": name, "route": "load"})
-            return
+            return  # not a generation (a stats or health call): nothing to learn or count
+        name = replica_id.unique_id
         keys, decision, matched = entry
         affinity = decision.by_affinity and decision.replica == replica_id
         self._requests.inc(tags={"replica": name, "route": "affinity" if affinity else "load"})
