@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -130,3 +132,30 @@ def test_the_media_policy_sums_pending_items():
     policy = MediaScalingPolicy(items_per_replica=4)
     ctx = Context(1, ["a"], {"pending_items": {"a": 10.0}}, deployment_name="VisionEncoderServer")
     assert policy(ctx)[0] == 3
+
+
+def test_a_recorded_load_step_through_the_policy():
+    """The figures the real engine reported step by step under 2, then 32, then 2 closed-loop
+    clients (`benchmarks/record_decoder_trace.py`; 16 sequences and 2,048 KV tokens, so the step
+    fills its KV cache with ~10 sequences running: the case a request count misreads)."""
+    trace = json.loads((Path(__file__).parent / "data" / "decoder_load_step.json").read_text())
+    (_, before), (_, during), _ = trace["phases"]
+    records = trace["records"]
+    targets = DecoderTargets(running_per_replica=8, waiting_per_replica=2, kv_cache_usage=0.8)
+
+    def one(r: dict) -> DecoderLoad:
+        return DecoderLoad(r["running"], r["waiting"], r["kv_cache_usage"])
+
+    def halves(r: dict) -> list[DecoderLoad]:  # the same load over two replicas
+        return [DecoderLoad(r["running"] / 2, r["waiting"] / 2, r["kv_cache_usage"] / 2)] * 2
+
+    assert all(decoder_replicas([one(r)], 1, targets) == 1 for r in records[:before])
+    step = records[before + 2 : before + during]
+    assert all(decoder_replicas([one(r)], 1, targets) >= 2 for r in step)
+    assert max(r["running"] for r in step) <= 16  # the queue, the KV cache and not the batch said so
+    after = records[before + during :]
+    # on two replicas: kept while anything waits, back to one once the queue is gone and the rest fits
+    for r in after:
+        wanted = decoder_replicas(halves(r), 2, targets)
+        assert wanted >= 2 if r["waiting"] else wanted <= 2
+    assert decoder_replicas(halves(after[-1]), 2, targets) == 1
