@@ -19,7 +19,6 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from services.common.config import load_config
 from services.common.errors import InvalidInputError
 from services.common.settings import known_fields
 from services.common.threads import stage_threads
@@ -110,8 +109,7 @@ def build_app(args: Mapping[str, Any]) -> Application:
         "decoder": decoder.resolved_device().startswith("cuda"),
     }
     # on CPU a stage's torch threads default to the CPUs its replica reserves
-    placeholder_id = load_config(checkpoint).media_placeholder_token_id
-    routing = decoder_server.request_router_options(decoder, placeholder_id)
+    routing = decoder_server.request_router_options(decoder)
     decoder_opts = opts(decoder_server.DEPLOYMENT_NAME, {**routing, **_gpu_options(on_cuda["decoder"])})
     cpus = decoder_opts.get("ray_actor_options", {}).get("num_cpus", decoder_server.DEFAULT_NUM_CPUS)
     decoder = replace(decoder, num_threads=stage_threads(decoder.num_threads, cpus, on_cuda["decoder"]))

@@ -261,7 +261,8 @@ def _weight_elements(checkpoint: Path) -> dict[str, int]:
 
 
 def _served_itemsize(section: dict[str, Any]) -> int:
-    dtype = section.get("dtype", "auto")
-    if dtype == "auto":  # bfloat16 on CUDA, float32 on CPU (devices.resolve_dtype)
-        return 2 if str(section.get("device", "auto")).startswith("cuda") else 4
-    return 4 if dtype == "float32" else 2
+    """Bytes per element of the dtype a stage serves in, resolved as the stage resolves it."""
+    from services.common.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(str(section.get("device", "auto")))
+    return int(resolve_dtype(str(section.get("dtype", "auto")), device).itemsize)

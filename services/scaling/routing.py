@@ -69,6 +69,7 @@ class Decision(Generic[Replica]):
     by_affinity: bool  # False: chosen by load
     matched_blocks: int  # leading blocks the index believes the chosen replica holds
     prompt_blocks: int
+    matched: Mapping[Replica, int]  # the same for every candidate
 
 
 class PrefixIndex(Generic[Replica]):
@@ -184,5 +185,5 @@ def choose(
         and loads[best] > settings.balance_rel * loads[least]
     )
     if enough and not busier:
-        return Decision(best, True, matched[best], len(keys))
-    return Decision(least, False, matched[least], len(keys))
+        return Decision(best, True, matched[best], len(keys), matched)
+    return Decision(least, False, matched[least], len(keys), matched)

@@ -53,7 +53,7 @@ class PrefixAffinityRouter(RequestRouter):
         self._block_size = int(kwargs.pop("block_size"))
         self._settings = RouterSettings(**kwargs)  # policy: prefix_affinity, or this router is not used
         self._index: PrefixIndex[ReplicaID] = PrefixIndex(self._settings.index_blocks, self._settings.ttl_s)
-        self._pending: dict[str, tuple[list[bytes], Decision[ReplicaID], dict[ReplicaID, int]]] = {}
+        self._pending: dict[str, tuple[list[bytes], Decision[ReplicaID]]] = {}
         tags = ("replica", "route")
         self._requests = Counter(
             f"{PREFIX}router_requests_total", "Requests routed to a decoder replica.", tags
@@ -82,8 +82,7 @@ class PrefixAffinityRouter(RequestRouter):
         keys = self._keys(pending_request)
         decision = choose(keys or [], loads, self._index, self._settings)
         if pending_request is not None and keys is not None:
-            matched = self._index.matched(keys, list(loads), time.monotonic())
-            self._pending[pending_request.metadata.internal_request_id] = (keys, decision, matched)
+            self._pending[pending_request.metadata.internal_request_id] = (keys, decision)
             while len(self._pending) > MAX_PENDING:  # requests cancelled before they were routed
                 del self._pending[next(iter(self._pending))]
         # the chosen replica first; if its queue is full, the others from the least loaded up
@@ -95,13 +94,13 @@ class PrefixAffinityRouter(RequestRouter):
         if entry is None:
             return  # not a generation (a stats or health call): nothing to learn or count
         name = replica_id.unique_id
-        keys, decision, matched = entry
+        keys, decision = entry
         affinity = decision.by_affinity and decision.replica == replica_id
         self._requests.inc(tags={"replica": name, "route": "affinity" if affinity else "load"})
         if keys:
             self._prompt_blocks.inc(len(keys), tags={"replica": name})
-            if matched.get(replica_id):
-                self._matched_blocks.inc(matched[replica_id], tags={"replica": name})
+            if decision.matched.get(replica_id):
+                self._matched_blocks.inc(decision.matched[replica_id], tags={"replica": name})
         self._index.record(keys, replica_id, time.monotonic())
 
     # --- replicas coming and going -------------------------------------------------------
@@ -147,12 +146,12 @@ class PrefixAffinityRouter(RequestRouter):
         return loads
 
     def _apply_cache_reports(self, replicas: list[RunningReplica]) -> None:
+        """Each replica's latest report; a report already applied costs two comparisons (this runs
+        for every request), so the key lists are handed over as they are, not copied."""
         now = time.monotonic()
         for r in replicas:
             stats = r.routing_stats or {}
             if REGISTRATIONS in stats:
-                self._index.cached(
-                    r.replica_id, int(stats[REGISTRATIONS]), list(stats.get(REGISTERED) or ()), now
-                )
+                self._index.cached(r.replica_id, int(stats[REGISTRATIONS]), stats.get(REGISTERED) or (), now)
             if EVICTIONS in stats:
-                self._index.evicted(r.replica_id, int(stats[EVICTIONS]), list(stats.get(EVICTED) or ()))
+                self._index.evicted(r.replica_id, int(stats[EVICTIONS]), stats.get(EVICTED) or ())

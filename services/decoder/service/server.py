@@ -90,7 +90,7 @@ DEFAULT_AUTOSCALING: dict[str, Any] = {
     "policy": {"policy_function": DECODER_POLICY},
 }
 DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 120.0  # downscaling lets running generations finish
-ROUTING_STATS_PERIOD_S = 2.0  # how often callers' routers learn of each replica's evictions
+ROUTING_STATS_PERIOD_S = 2.0  # how often callers' routers learn what each replica cached and evicted
 SHUTDOWN_DRAIN_S = 5.0  # Serve has already drained; this covers requests that slipped in late
 _DEPLOYMENT_OPTIONS = ("max_ongoing_requests", "graceful_shutdown_timeout_s", "health_check_period_s",
                        "health_check_timeout_s")  # fmt: skip
@@ -349,13 +349,14 @@ class DecoderServer:
         logger.info("decoder stopped (%d requests were still open)", open_requests)
 
 
-def request_router_options(settings: DecoderSettings, placeholder_id: int) -> dict[str, Any]:
-    """The deployment's `request_router_config` for `settings.routing` (none: Serve's default)."""
+def request_router_options(settings: DecoderSettings) -> dict[str, Any]:
+    """The deployment's `request_router_config` for `settings.routing` (none: Serve's default),
+    with the facts the router's keys need: the checkpoint's placeholder id, the engine's block size."""
     if settings.routing.policy != "prefix_affinity":
         return {}
     kwargs = {
         **asdict(settings.routing),
-        "placeholder_id": placeholder_id,
+        "placeholder_id": load_config(settings.checkpoint_dir).media_placeholder_token_id,
         "block_size": settings.engine.block_size,
     }
     del kwargs["policy"]
@@ -407,6 +408,5 @@ def build_app(args: Mapping[str, Any]) -> Application:
         num_gpus = 1 if on_cuda else 0
     settings = replace(settings, num_threads=stage_threads(settings.num_threads, num_cpus, on_cuda))
     options["ray_actor_options"] = {"num_cpus": num_cpus, "num_gpus": float(num_gpus)}
-    placeholder_id = load_config(settings.checkpoint_dir).media_placeholder_token_id
-    options = {**request_router_options(settings, placeholder_id), **options}
+    options = {**request_router_options(settings), **options}
     return DecoderDeployment.options(**options).bind(settings)
