@@ -18,6 +18,7 @@ from services.decoder.loading import load_text_model
 from services.decoder.model.compiled import DecodeRunner, batch_buckets
 from services.decoder.model.decoder import DecoderForCausalLM
 from services.decoder.model.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache
+from services.decoder.model.paged_attention import SEGMENT_TOKENS
 
 BS = 4
 NUM_BLOCKS = 48
@@ -101,6 +102,24 @@ def test_eager_mode_and_unpadded_fallback_are_the_model(model: DecoderForCausalL
             got = runner(ids, attn, batch.caches[0])
             assert torch.equal(got, model(ids, attn.positions, attn, batch.caches[1]))
         assert torch.equal(batch.caches[0].data, batch.caches[1].data)
+
+
+@torch.inference_mode()
+def test_a_context_longer_than_one_attention_segment_runs_eagerly(model: DecoderForCausalLM) -> None:
+    """A step whose table reaches past one segment loops over the context: it is never captured."""
+    layers = [layer.self_attn for layer in model.model.layers]
+    runner = DecodeRunner(model, mode="compile", max_batch_size=MAX_BATCH, scratch_slot=SCRATCH_SLOT)
+    try:
+        for attn in layers:
+            attn.segment_tokens = 2 * BS
+        batch = _Batch(model, [9, 3], seed=4)  # 10 tokens after the step: 3 blocks, past 2
+        ids, attn_md = batch.next_step()
+        got = runner(ids, attn_md, batch.caches[0])
+        assert runner._compiled is not None and not runner._compiled.seen  # nothing ran compiled
+        torch.testing.assert_close(got, model(ids, attn_md.positions, attn_md, batch.caches[1]))
+    finally:
+        for attn in layers:
+            attn.segment_tokens = SEGMENT_TOKENS
 
 
 @pytest.mark.slow

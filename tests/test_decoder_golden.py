@@ -6,6 +6,7 @@ decoder with `load_text_model`, and transformers' model from the same `language_
 while loading, which `_load_reference` checks). Then:
 - fp32 logits of a varlen batch of prompts (ours, one flattened forward) vs transformers (one
   prompt at a time): max |diff| <= ATOL;
+- the longest prompt prefilled in chunks that cut blocks: logits within ATOL;
 - greedy continuation through our paged cache (prefill, then absorbed decode steps, blocks of
   BLOCK_SIZE so sequences span several, allocated on demand and interleaved across sequences)
   == transformers' greedy `generate`, token for token, and the decode-step logits match a
@@ -89,6 +90,9 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp(request.param)
     ckpt = write_checkpoint(root / "ckpt", dtype=torch.float32, text_overrides=overrides)
     ours = load_text_model(ckpt, torch.float32, "cpu")
+    if request.param == "yarn":  # its long prompts attend 2 blocks at a time (paged_attention)
+        for layer in ours.model.layers:
+            layer.self_attn.segment_tokens = 2 * BLOCK_SIZE
     ref = _load_reference(ckpt, root / "hf")
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 1000, (n,), generator=gen) for n in lengths]
@@ -168,6 +172,24 @@ def test_logits_match_transformers(pair: tuple[Any, ...]) -> None:
         got = logits[md.cu_seqlens_q[b] : md.cu_seqlens_q[b + 1]]
         diff = (got - want).abs().max().item()
         assert diff <= ATOL, f"prompt {b} (length {len(p)}): max |logit diff| {diff:.2e}"
+
+
+@torch.inference_mode()
+def test_chunked_prefill_matches_transformers(pair: tuple[Any, ...]) -> None:
+    """A prompt prefilled in chunks whose edges cut blocks (as after a prefix-cache hit in the
+    middle of a block), each chunk attending to the cached tokens before it."""
+    ours, ref, prompts = pair
+    p = max(prompts, key=len)
+    table = list(range(blocks_needed(len(p), BLOCK_SIZE)))[::-1]
+    cache, logits, done = _new_cache(ours, len(table)), [], 0
+    for chunk in (3, 10, 1, len(p)):
+        n = min(chunk, len(p) - done)
+        md = AttentionMetadata.for_prefill([table], [n], block_size=BLOCK_SIZE, cached_lens=[done])
+        logits.append(ours.compute_logits(ours(p[done : done + n], md.positions, md, cache)))
+        done += n
+    want = ref(input_ids=p[None]).logits[0].float()
+    diff = (torch.cat(logits) - want).abs().max().item()
+    assert diff <= ATOL, f"chunked prefill of {len(p)} tokens: max |logit diff| {diff:.2e}"
 
 
 @torch.inference_mode()

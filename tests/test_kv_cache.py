@@ -17,6 +17,7 @@ from services.decoder.model.kv_cache import (
     AttentionMetadata,
     PagedKVCache,
 )
+from services.decoder.model.paged_attention import SEGMENT_TOKENS
 from services.decoder.model.rope import apply_rope
 
 BS = 4  # small blocks: every sequence spans several
@@ -184,3 +185,37 @@ def test_tied_head_survives_meta_build_and_load(tmp_path: Path) -> None:
     model = load_text_model(ckpt, torch.float32, "cpu")
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.isfinite(model.lm_head.weight).all()
+
+
+@torch.inference_mode()
+def test_attention_a_segment_at_a_time_equals_one_segment(model: DecoderForCausalLM) -> None:
+    """Segments of 2 blocks (chunks and a decode that cut blocks anywhere, a short sequence riding
+    along) give the outputs of one segment over the whole context, and the same cache."""
+    long, short = _prompts([43, 6], seed=5)
+    tables = [[7, 2, 30, 11, 4, 25, 9, 16, 21, 13, 28, 1], [18, 19, 3]]
+
+    def run(segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer in model.model.layers:
+            layer.self_attn.segment_tokens = segment
+        cache, outs, done = _fresh_cache(model), [], 0
+        for chunk in (5, 14, 3, 21):  # chunk edges mid-block, as after a prefix-cache hit
+            if done == 19:  # the short prompt shares a step with a chunk of the long one
+                md = AttentionMetadata.for_prefill(tables, [chunk, 6], block_size=BS, cached_lens=[done, 0])
+                h = model(torch.cat([long[done : done + chunk], short]), md.positions, md, cache)[:chunk]
+            else:
+                md = AttentionMetadata.for_prefill(tables[:1], [chunk], block_size=BS, cached_lens=[done])
+                h = model(long[done : done + chunk], md.positions, md, cache)
+            outs.append(h)
+            done += chunk
+        md = AttentionMetadata.for_decode(tables, [44, 7], block_size=BS)
+        outs.append(model(torch.tensor([5, 9]), md.positions, md, cache))
+        return torch.cat(outs), cache.data.clone()
+
+    try:
+        segmented, seg_cache = run(2 * BS)
+        whole, whole_cache = run(1 << 20)
+    finally:
+        for layer in model.model.layers:
+            layer.self_attn.segment_tokens = SEGMENT_TOKENS
+    torch.testing.assert_close(segmented, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(seg_cache, whole_cache, rtol=0, atol=1e-5)

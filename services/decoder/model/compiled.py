@@ -8,7 +8,8 @@ that holds it; its padding rows are dummy sequences:
   to a sequence (reserving block PAD_BLOCK and passing PAD_BLOCK·block_size is the simple
   choice), so no sequence's cache changes; they read PAD_BLOCK's first slot, whatever it holds:
   rows never mix, and their outputs are dropped.
-Without a scratch slot a batch that is not a bucket size runs eagerly (correct, not captured).
+Without a scratch slot a batch that is not a bucket size runs eagerly (correct, not captured),
+and so does a step whose context reaches past one attention segment (MLA then loops over it).
 
 The context length causes no recompiles: under torch.compile the block-table width is a dynamic
 dimension (tables are widened to at least 2 blocks: torch specialises sizes 0 and 1); a CUDA
@@ -107,7 +108,12 @@ class DecodeRunner:
             raise ValueError("DecodeRunner takes pure-decode steps: one input id per sequence")
         mode = self._mode(input_ids.device)
         bucket = next((s for s in self.buckets if s >= b), None)
-        if mode == "eager" or bucket is None or (bucket != b and self.scratch_slot is None):
+        if (
+            mode == "eager"
+            or bucket is None
+            or (bucket != b and self.scratch_slot is None)
+            or self._long_context(attn)
+        ):
             hidden: torch.Tensor = self.model(input_ids, attn.positions, attn, kv_cache)
             return hidden
         padded = self._pad(input_ids, attn, bucket)
@@ -116,6 +122,12 @@ class DecodeRunner:
         else:
             out = self._graph_step(padded, kv_cache)
         return out[:b]
+
+    def _long_context(self, attn: AttentionMetadata) -> bool:
+        """Whether a sequence reaches past one attention segment: such steps attend a segment at
+        a time (a loop over the context) and run eagerly; captures see one segment only."""
+        first = cast(DecoderLayer, self.model.model.layers[0]).self_attn
+        return attn.block_tables.shape[1] * attn.block_size > first.segment_len(attn.block_size)
 
     def _mode(self, device: torch.device) -> str:
         if self._resolved is None:

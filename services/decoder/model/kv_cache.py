@@ -63,6 +63,16 @@ class PagedKVCache:
         out = blocks.view(block_tables.shape[0], n_blocks * self.block_size, self.latent_dim)
         return out if n_blocks * self.block_size == length else out[:, :length]
 
+    def read(self, layer: int, block_tables: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Tokens start..end of each sequence: block_tables [B, M] int32 -> [B, end - start, D].
+
+        Only the blocks that hold them are copied (a segment of a long context, not all of it)."""
+        first = start // self.block_size
+        n_blocks = -(-end // self.block_size) - first
+        out = self.gather(layer, block_tables[:, first : first + n_blocks], n_blocks * self.block_size)
+        offset = start - first * self.block_size
+        return out[:, offset : offset + end - start]
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:

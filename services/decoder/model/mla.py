@@ -4,9 +4,11 @@ Per token the layer writes one latent of `latent_dim` = kv_lora_rank + qk_rope_h
 (normalised compressed kv, rotated k_pe) into the cache, then attends in one of two forms that
 compute the same function:
 - prefill (expanded): kv_b_proj turns each cached latent into per-head k_nope / v; causal
-  attention of the new tokens over the sequence's whole context (earlier cached tokens too);
+  attention of the new tokens over the sequence's whole context (earlier cached tokens too),
+  a segment of it at a time, so memory stays bounded at any context length;
 - decode (absorbed, one new token per sequence): the key half of kv_b_proj is folded into
-  q_nope and the value half into the output, so attention runs against the latents directly.
+  q_nope and the value half into the output, so attention runs against the latents directly
+  (a long context, too, a segment at a time).
 
 Also home of `RMSNorm`, which the decoder layers share. Knows nothing about the MLP, the
 scheduler or where blocks come from.
@@ -20,6 +22,7 @@ from torch import nn
 
 from services.common.config import TextConfig
 from services.decoder.model.kv_cache import AttentionMetadata, PagedKVCache
+from services.decoder.model.paged_attention import SEGMENT_TOKENS, decode_attention, prefill_attention
 from services.decoder.model.rope import apply_rope
 
 # The reference (official Kimi-VL / DeepSeek-V3 remote code, and transformers) builds
@@ -65,6 +68,8 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(nh * cfg.v_head_dim, h, bias=bias)
         # derived from kv_b_proj for the absorbed decode; not state (see `_absorbed_weights`)
         self._absorbed: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None = None
+        # keys attended at once over a long context (rounded to whole blocks); tests shrink it
+        self.segment_tokens = SEGMENT_TOKENS
 
     def forward(
         self,
@@ -134,24 +139,36 @@ class MLAttention(nn.Module):
     ) -> torch.Tensor:
         """Causal attention of the new tokens of sequences first_seq.. over their full context.
 
-        q_nope / q_pe hold those sequences' rows only. -> [T', nH, v]."""
+        q_nope / q_pe hold those sequences' rows only. -> [T', nH, v]. The context is read and
+        decompressed a segment at a time (`paged_attention.prefill_attention`): memory does not
+        grow with its length."""
         q = torch.cat([q_nope, q_pe], dim=-1)  # [T', nH, nope+rope]
         outs = []
         start = 0
         seqs = zip(attn.query_lens[first_seq:], attn.context_lens[first_seq:], strict=True)
         for b, (q_len, ctx) in enumerate(seqs, start=first_seq):
-            latents = kv_cache.gather(self.layer_idx, attn.block_tables[b : b + 1], ctx)[0]  # [C, D]
-            latents = latents.to(q.dtype)
-            c_kv, k_pe = torch.split(latents, [self.kv_lora_rank, self.rope_dim], dim=-1)
-            kv = self.kv_b_proj(c_kv).view(ctx, self.num_heads, -1)  # [C, nH, nope+v]
-            k_nope, v = torch.split(kv, [self.nope_dim, self.v_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
-            # query i sits at position ctx - q_len + i and sees keys 0 ..= that position
-            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
-            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [Tq, C]
-            outs.append(_attend(q[start : start + q_len], k, v, mask, self.scale))
+            table = attn.block_tables[b : b + 1]
+
+            def read_kv(lo: int, hi: int, table: torch.Tensor = table) -> tuple[torch.Tensor, torch.Tensor]:
+                return self._expand(kv_cache.read(self.layer_idx, table, lo, hi)[0].to(q.dtype))
+
+            rows = q[start : start + q_len].transpose(0, 1)  # [nH, Tq, d]
+            out = prefill_attention(rows, read_kv, ctx - q_len, self.scale, self.segment_len(attn.block_size))
+            outs.append(out.transpose(0, 1).to(q.dtype))
             start += q_len
         return torch.cat(outs, dim=0)
+
+    def _expand(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached latents [S, D] -> per-head keys [nH, S, nope+rope] and values [nH, S, v]."""
+        c_kv, k_pe = torch.split(latents, [self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(latents.shape[0], self.num_heads, -1)  # [S, nH, nope+v]
+        k_nope, v = torch.split(kv, [self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
+        return k.transpose(0, 1), v.transpose(0, 1)
+
+    def segment_len(self, block_size: int) -> int:
+        """Keys per attention segment: `segment_tokens` rounded down to whole blocks."""
+        return max(1, self.segment_tokens // block_size) * block_size
 
     def _decode_absorbed(
         self,
@@ -178,22 +195,21 @@ class MLAttention(nn.Module):
         # read whole blocks (C = table width × block size, the tail masked): the shape then changes
         # once per block, not per step — each new shape costs a fresh oneDNN kernel on CPU
         length = tables.shape[1] * attn.block_size
-        latents = kv_cache.gather(self.layer_idx, tables, length).to(dtype)[:, None]  # [B, 1, C, D]
-        mask = torch.arange(length, device=latents.device) < context_lens[:, None]  # [B, C]
-        # one kv head (the latents) shared by all query heads: the nH heads are the query rows of
-        # one SDPA head; the latents serve as values too (the output's rope dims are dropped)
-        o = F.scaled_dot_product_attention(
-            q_abs[:, None], latents, latents, attn_mask=mask[:, None, None, :], scale=self.scale
-        )  # [B, 1, nH, D]
-        o_lat = o[:, 0, :, : self.kv_lora_rank].transpose(0, 1)  # [nH, B, R]
+        if length > self.segment_len(attn.block_size):
+            # a long context: a segment of latents at a time (what captured steps never see)
+            def read_kv(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+                latents = kv_cache.read(self.layer_idx, tables, lo, hi).to(dtype)
+                return latents, latents
+
+            o = decode_attention(q_abs, read_kv, context_lens, self.scale, self.segment_len(attn.block_size))
+            o_lat = o[:, :, : self.kv_lora_rank].transpose(0, 1)  # [nH, B, R]
+        else:
+            latents = kv_cache.gather(self.layer_idx, tables, length).to(dtype)[:, None]  # [B, 1, C, D]
+            mask = torch.arange(length, device=latents.device) < context_lens[:, None]  # [B, C]
+            # one kv head (the latents) shared by all query heads: the nH heads are the query rows
+            # of one SDPA head; the latents serve as values too (the output's rope dims are dropped)
+            o = F.scaled_dot_product_attention(
+                q_abs[:, None], latents, latents, attn_mask=mask[:, None, None, :], scale=self.scale
+            )  # [B, 1, nH, D]
+            o_lat = o[:, 0, :, : self.kv_lora_rank].transpose(0, 1)  # [nH, B, R]
         return torch.bmm(o_lat.to(w_uv_t.dtype), w_uv_t).to(dtype).transpose(0, 1)  # [B, nH, v]
-
-
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """q [Tq, nH, d], k [C, nH, d], v [C, nH, dv], mask [Tq, C] (True = attend) -> [Tq, nH, dv]."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
-    )
-    return out.transpose(0, 1)
