@@ -89,7 +89,7 @@ def test_stop_string_cuts_the_text_and_frees_the_sequence(model, tokenizer) -> N
             params = SamplingParams(max_new_tokens=20, ignore_eos=True, stop=(stop,))
             outs = await _collect(front, GenerationRequest("s", prompt, params))
             await asyncio.sleep(0.05)
-            return outs, front.engine.scheduler.pool.num_free, front.engine.config.num_blocks
+            return outs, front.engine.scheduler.pool.num_free, front.engine.num_blocks
         finally:
             await front.shutdown(1.0)
 
@@ -108,13 +108,13 @@ def test_closing_the_stream_aborts_and_frees_blocks(model, tokenizer) -> None:
         try:
             stream = front.generate(GenerationRequest("c", prompt, SamplingParams(max_new_tokens=500)))
             await stream.__anext__()
-            assert front.engine.scheduler.pool.num_free < front.engine.config.num_blocks
+            assert front.engine.scheduler.pool.num_free < front.engine.num_blocks
             await stream.aclose()  # the client went away
             for _ in range(100):
                 await asyncio.sleep(0.02)
                 if not front.engine.has_unfinished():
                     break
-            return front.engine.scheduler.pool.num_free, front.engine.config.num_blocks
+            return front.engine.scheduler.pool.num_free, front.engine.num_blocks
         finally:
             await front.shutdown(1.0)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.common.checkpoint import write_checkpoint
-from services.common.errors import CapacityError, InvalidInputError
+from services.common.errors import ContextLengthError, InvalidInputError, status_for
 from services.decoder.engine.core import MediaSpan
 from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
 from services.decoder.engine.params import SamplingParams
@@ -48,7 +48,7 @@ def test_batched_requests_match_each_alone(model):
     batched = _run_all(engine, prompts, [GREEDY] * len(prompts))
     assert batched == [_alone(model, p, GREEDY) for p in prompts]
     assert all(len(b) == 10 for b in batched)
-    assert engine.scheduler.pool.num_free == engine.config.num_blocks  # every block came back
+    assert engine.scheduler.pool.num_free == engine.num_blocks  # every block came back
 
 
 def test_chunked_prefill_matches_one_shot(model):
@@ -117,9 +117,16 @@ def test_invalid_requests_are_rejected(model):
         engine.add_request([1, 2, 3], GREEDY, [MediaSpan(0, torch.zeros(2, 5))])
     with pytest.raises(InvalidInputError, match="top_p"):
         SamplingParams(top_p=0.0)
-    big = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=16))
-    with pytest.raises(CapacityError, match="KV cache holds 16"):
-        big.add_request(list(range(20)), GREEDY)
+    # a cache smaller than the model's length lowers max_model_len: a longer prompt can never be
+    # served here, so it is a 400 (with the limit), not a 429 to retry
+    small = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=16))
+    assert small.max_model_len == 16
+    with pytest.raises(ContextLengthError, match="at most 15 prompt tokens") as info:
+        small.add_request(list(range(20)), GREEDY)
+    assert info.value.limit == 16 and info.value.param == "messages"
+    assert status_for(info.value) == (400, "INVALID_ARGUMENT")
+    with pytest.raises(InvalidInputError, match="max_model_len 24 does not fit the KV cache of 16 tokens"):
+        LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=16, max_model_len=24))
     # a request that reaches max_model_len stops with "length" instead of overrunning it
     outs = list(engine.generate(list(range(20)), SamplingParams(max_new_tokens=50, ignore_eos=True)))
     assert len(outs) == 4 and outs[-1].finish_reason == "length"

@@ -65,7 +65,7 @@ def test_sixteen_concurrent_requests_with_images_match_each_alone(model) -> None
     got, steps = _drain(engine, ids)
     assert [got[i] for i in ids] == [_alone(model, p, GREEDY, m) for p, m in requests]
     assert any(len(s) > 1 for s in steps)  # they really were batched
-    assert engine.scheduler.pool.num_free == engine.config.num_blocks
+    assert engine.scheduler.pool.num_free == engine.num_blocks
 
 
 def test_a_long_prefill_never_pauses_decoding_streams(model) -> None:

@@ -104,6 +104,9 @@ def test_replicas_become_fixed_autoscaling_and_threads(tmp_path: Path):
     assert placement["PreprocessServer"]["autoscaling_config"]["max_replicas"] == 2
     assert placement["ChatIngress"]["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 1}
     assert out["encoder"]["num_threads"] == 2
+    # an `auto` KV cache takes a share of free memory: three decoders split the default share
+    assert out["decoder"]["engine"] == {"kv_cache_memory_fraction": 0.5 / 3}
+    assert "engine" not in app_args(namespace(), tmp_path / "ck", num_cpus=2)["decoder"]
 
 
 def test_without_autoscale_a_configs_autoscaling_is_not_used(tmp_path: Path):
@@ -148,9 +151,13 @@ def test_a_replicas_footprint_comes_from_the_checkpoint(tiny_root: Path):
     bigger = replica_bytes(tiny_root, {"decoder": {"engine": {"kv_cache_tokens": 1 << 20}}})
     # 3 layers x (32 + 16) latents x 4 bytes per token, fp32 on CPU
     assert bigger["decoder"] - sizes["decoder"] == ((1 << 20) - 1024) * 3 * 48 * 4
+    # `auto` fills what is left: a replica must hold at least one sequence of the longest length
+    auto = replica_bytes(tiny_root, {"decoder": {"engine": {"max_model_len": 4096}}})
+    assert auto["decoder"] - sizes["decoder"] == (4096 - 1024) * 3 * 48 * 4
 
 
 def test_decoder_replicas_under_expert_parallelism(tmp_path: Path):
     out = app_args(namespace(replicas="decoder=2", ep=2), tmp_path / "ck", num_cpus=5)
     assert out["decoder"]["ep"]["cpus_per_rank"] == 1.0 and out["decoder"]["num_threads"] == 1
     assert out["deployment_options"]["DecoderServer"]["ray_actor_options"]["num_cpus"] == 0
+    assert out["decoder"]["engine"]["kv_cache_memory_fraction"] == 0.5 / 4  # a cache per rank

@@ -238,7 +238,7 @@ BAD_REQUESTS = [
     ({"messages": [user({"type": "image_url", "image_url": {"url": NOT_AN_IMAGE}})]}, 400,
      "messages[0].content[0].image_url.url"),
     ({"messages": [user(*[image_part(png(7))] * 3, "three")]}, 400, "messages[0].content[2]"),
-    ({"messages": [user("word " * 140_000)]}, 400, None),
+    ({"messages": [user("word " * 140_000)]}, 400, "messages"),  # past max_model_len: never servable
     ({"model": "another-model"}, 404, "model"),
     ({"messages": [user("x" * (MAX_BODY + 10))]}, 413, None),
 ]  # fmt: skip
@@ -319,6 +319,13 @@ def test_health_models_and_completions(client, app):
     assert (
         completion.choices[0].finish_reason in ("length", "stop") and completion.usage.completion_tokens >= 1
     )
+    # the KV cache holds 16384 tokens, so max_model_len was lowered to that: a longer prompt is a
+    # 400 naming the field and the limit, not a 429 to retry
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=[7] * 16384, max_tokens=1)
+    error = info.value.body
+    assert error["param"] == "prompt" and error["code"] == "context_length_exceeded", error
+    assert "16383 prompt tokens" in error["message"], error
 
 
 def test_redis_outage_means_recomputing(client, offline, redis_server):

@@ -24,6 +24,24 @@ class InvalidInputError(KimiVLError, ValueError):
         self.param = param
 
 
+class ContextLengthError(InvalidInputError):
+    """The prompt can never fit this deployment: it is longer than `limit` (max_model_len) allows.
+
+    A 400 with OpenAI's code `context_length_exceeded`; `param` names the request field (the
+    ingress knows which: `messages` or `prompt`)."""
+
+    def __init__(self, message: str, *, limit: int, param: str | None = "messages") -> None:
+        super().__init__(message, param=param)
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[object, ...]:  # crosses Ray processes with its fields
+        return (_context_length_error, (str(self), self.limit, self.param))
+
+
+def _context_length_error(message: str, limit: int, param: str | None) -> ContextLengthError:
+    return ContextLengthError(message, limit=limit, param=param)
+
+
 class InvalidMediaError(InvalidInputError):
     """A media item that cannot be served: undecodable, of an unsupported kind, empty or too large."""
 

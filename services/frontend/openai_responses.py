@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from services.common.errors import (
     CapacityError,
+    ContextLengthError,
     InternalError,
     InvalidInputError,
     InvalidMediaError,
@@ -405,6 +406,7 @@ _SERVER_MESSAGES = {
 _STATUS_CODES = {429: "server_overloaded", 503: "service_unavailable", 504: "timeout"}
 # the project's errors that OpenAI gives a code of their own (a ProtocolError carries its code)
 _ERROR_CODES: dict[type[Exception], str] = {
+    ContextLengthError: "context_length_exceeded",
     InvalidMediaError: "invalid_media",
     UnauthenticatedError: "invalid_api_key",
 }

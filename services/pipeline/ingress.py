@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from protos.kimi_vl.v1 import chat_pb2
 from protos.kimi_vl.v1 import generate_pb2 as gen_pb
 from services.common.config import load_generation_config, load_processor_config
-from services.common.errors import InvalidInputError, KimiVLError, UnauthenticatedError
+from services.common.errors import ContextLengthError, InvalidInputError, KimiVLError, UnauthenticatedError
 from services.common.grpc_status import set_error_status
 from services.common.metrics import TotalCounters
 from services.common.tokenizer import KimiTokenizer
@@ -204,7 +204,10 @@ class ChatIngressServer:
                 return JSONResponse(models_list([self.settings.served_model_name], created=self.created))
             return await handler(await self._json_body(request))
         except Exception as e:  # the service edge: every failure becomes an OpenAI error
-            return self._error_response(e)
+            error = _cause(e)
+            if isinstance(error, ContextLengthError) and handler == self._completion:
+                error = ContextLengthError(str(error), limit=error.limit, param="prompt")
+            return self._error_response(error)
 
     def _error_response(self, error: BaseException) -> Response:
         error = _cause(error)

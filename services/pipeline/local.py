@@ -108,6 +108,7 @@ def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[
         # (their idle OpenMP threads sleep after a short spin: threads.SPIN_ENV, in the placement);
         # several replicas of a stage divide its cores (replicas.split_cpus)
         out[stage].setdefault("num_threads", plan.shares[stage].torch_threads)
+    _share_kv_memory(out["decoder"], plan.shares["decoder"].replicas * max(args.ep, 1))
     encoder = out["encoder"]
     grpc_server = {**dict(encoder.get("grpc_server") or {}), "host": "127.0.0.1"}
     grpc_server.pop("token_env", None)  # loopback: no token needed
@@ -118,6 +119,17 @@ def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[
                                 "cpus_per_rank": plan.shares["decoder"].rank_cpus}  # fmt: skip
         out["decoder"]["num_threads"] = 1
     return out
+
+
+def _share_kv_memory(decoder: dict[str, Any], engines: int) -> None:
+    """An `auto` KV cache takes its fraction of the memory available when it starts: on one
+    machine, the decoder replicas (EP ranks each hold a cache) share that fraction between them."""
+    from services.decoder.engine.llm_engine import EngineConfig
+
+    engine = {**vars(EngineConfig()), **dict(decoder.get("engine") or {})}
+    if engine["kv_cache_tokens"] == "auto" and engines > 1:
+        share = float(engine["kv_cache_memory_fraction"]) / engines
+        decoder["engine"] = {**dict(decoder.get("engine") or {}), "kv_cache_memory_fraction": share}
 
 
 def placement_plan(

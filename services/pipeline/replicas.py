@@ -234,9 +234,12 @@ def replica_bytes(checkpoint: Path, settings: dict[str, Any]) -> dict[str, int]:
         out[stage] = PROCESS_BYTES + elements[part] * itemsize
     engine = {**vars(EngineConfig()), **dict((settings.get("decoder") or {}).get("engine") or {})}
     per_token = text.num_hidden_layers * (text.kv_lora_rank + text.qk_rope_head_dim)
-    out["decoder"] += (
-        int(engine["kv_cache_tokens"]) * per_token * _served_itemsize(settings.get("decoder") or {})
-    )
+    # an `auto` cache fills what the replicas leave (their shares split by local serve): count the
+    # least each must hold, one sequence of the longest length
+    tokens = engine["kv_cache_tokens"]
+    if tokens == "auto":
+        tokens = min(engine["max_model_len"] or text.max_position_embeddings, text.max_position_embeddings)
+    out["decoder"] += int(tokens) * per_token * _served_itemsize(settings.get("decoder") or {})
     return out
 
 

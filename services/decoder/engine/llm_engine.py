@@ -11,14 +11,16 @@ in the async front (`AsyncEngine`), which aborts a sequence when its text says s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
-from services.common.errors import CapacityError, InternalError, InvalidInputError
+from services.common.errors import ContextLengthError, InternalError, InvalidInputError
 from services.decoder.engine.block_pool import MediaKey
 from services.decoder.engine.core import EngineStats, ExpertLoad, MediaSpan, PrefixCacheLog, StepOutput
+from services.decoder.engine.kv_sizing import available_memory, plan_kv_cache
 from services.decoder.engine.params import SamplingParams
 from services.decoder.engine.sampling import make_generator, sample
 from services.decoder.engine.scheduler import ScheduledBatch, Scheduler, SeqState
@@ -28,16 +30,23 @@ from services.decoder.model.decoder import DecoderForCausalLM
 from services.decoder.model.kv_cache import PAD_BLOCK, AttentionMetadata, PagedKVCache
 from services.decoder.model.prepack import can_prepack, prepack_linears
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Runtime knobs (not model facts)."""
 
     block_size: int = 16
-    kv_cache_tokens: int = 65536  # cache capacity; 30.4 KB/token for the 16B model in bf16
+    # cache capacity in tokens, or "auto": kv_cache_memory_fraction of the memory available when
+    # the engine starts (see kv_sizing); 30.4 KB/token for the 16B model in bf16
+    kv_cache_tokens: int | str = "auto"
+    kv_cache_memory_fraction: float = 0.5
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # per step: decode tokens first, then prefill chunks
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # prompt + output of one sequence; default: the model's max_position_embeddings, lowered
+    # (and said at start-up) to what the cache holds; set, it must fit or the engine refuses
+    max_model_len: int | None = None
     enable_prefix_caching: bool = True
     # pure-decode steps: "eager", "compile" (torch.compile), "cudagraph", "auto" (CUDA graphs on
     # CUDA, torch.compile on CPU); captured per batch-size bucket at its first step (see compiled.py)
@@ -47,17 +56,23 @@ class EngineConfig:
     prepack_weights: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"engine setting {name} must be >= 1, got {getattr(self, name)}")
+        tokens = self.kv_cache_tokens
+        if tokens != "auto" and (isinstance(tokens, (str, bool)) or tokens < 1):
+            raise InvalidInputError(f"engine setting kv_cache_tokens must be 'auto' or >= 1, got {tokens!r}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise InvalidInputError(
+                "engine setting kv_cache_memory_fraction must be in (0, 1], "
+                f"got {self.kv_cache_memory_fraction}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InvalidInputError(f"engine setting max_model_len must be >= 2, got {self.max_model_len}")
         if self.decode_capture not in CAPTURE_MODES:
             raise InvalidInputError(
                 f"decode_capture must be one of {', '.join(CAPTURE_MODES)}, got {self.decode_capture!r}"
             )
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.kv_cache_tokens // self.block_size)
 
 
 class LLMEngine:
@@ -71,21 +86,33 @@ class LLMEngine:
         cfg = model.cfg
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.max_model_len = min(
-            self.config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+        c = self.config
+        self.kv_plan = plan_kv_cache(
+            kv_cache_tokens=c.kv_cache_tokens,
+            memory_fraction=c.kv_cache_memory_fraction,
+            available_bytes=available_memory(self.device) if c.kv_cache_tokens == "auto" else 0,
+            bytes_per_token=cfg.num_hidden_layers * cfg.latent_dim * self.dtype.itemsize,
+            block_size=c.block_size,
+            max_model_len=c.max_model_len,
+            model_max_len=cfg.max_position_embeddings,
+            max_num_seqs=c.max_num_seqs,
         )
+        for note in self.kv_plan.notes:
+            logger.info("%s", note)
+        self.max_model_len = self.kv_plan.max_model_len
+        self.num_blocks = -(-self.kv_plan.tokens // c.block_size)
         # block PAD_BLOCK is the engine's own: padded block-table rows read it, and captured
         # decode steps write their padding rows' latents there; sequences get the blocks after it
         self.cache = PagedKVCache(
             cfg.num_hidden_layers,
-            self.config.num_blocks + 1,
+            self.num_blocks + 1,
             self.config.block_size,
             cfg.latent_dim,
             self.dtype,
             self.device,
         )
         self.scheduler = Scheduler(
-            self.config.num_blocks,
+            self.num_blocks,
             self.config.block_size,
             self.config.max_num_seqs,
             self.config.max_num_batched_tokens,
@@ -150,12 +177,12 @@ class LLMEngine:
         if bad := [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size][:5]:
             raise InvalidInputError(f"token ids outside the vocabulary: {bad}")
         if n + 1 > self.max_model_len:
-            raise InvalidInputError(
-                f"the prompt has {n} tokens; this model serves at most {self.max_model_len - 1}"
+            # never servable here (max_model_len <= the cache): a 400, not a 429 to retry
+            raise ContextLengthError(
+                f"the prompt has {n} tokens; this deployment serves at most {self.max_model_len - 1} "
+                f"prompt tokens (max_model_len {self.max_model_len}, with at least one to generate)",
+                limit=self.max_model_len,
             )
-        capacity = self.config.num_blocks * self.config.block_size
-        if n + 1 > capacity:
-            raise CapacityError(f"the prompt has {n} tokens; the KV cache holds {capacity}")
         end = 0
         hidden = self.model.cfg.hidden_size
         for i, m in enumerate(sorted(media, key=lambda m: m.offset)):
@@ -308,9 +335,6 @@ class LLMEngine:
     def _finish_reason(self, seq: SeqState, token: int) -> str | None:
         if not seq.params.ignore_eos and token in seq.params.stop_token_ids:
             return "stop"
-        capacity = self.config.num_blocks * self.config.block_size
-        if len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= min(
-            self.max_model_len, capacity
-        ):
+        if len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

@@ -12,9 +12,11 @@ Knows nothing about scheduling policy, the model's weights or tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 PAD_BLOCK = 0  # fills block-table rows past a sequence's last block; never read unmasked
@@ -36,7 +38,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.latent_dim = latent_dim
         # zeros, not empty: padded reads past a sequence's end are masked, but 0·NaN would not be
-        self.data = torch.zeros(num_layers, num_blocks, block_size, latent_dim, dtype=dtype, device=device)
+        self.data = _zeros((num_layers, num_blocks, block_size, latent_dim), dtype, torch.device(device))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -72,6 +74,16 @@ class PagedKVCache:
         out = self.gather(layer, block_tables[:, first : first + n_blocks], n_blocks * self.block_size)
         offset = start - first * self.block_size
         return out[:, offset : offset + end - start]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor. On CPU its pages are the kernel's zero pages until written (calloc), so a
+    cache sized to the machine costs resident memory only as sequences fill it; `torch.zeros`
+    would write every page at start-up."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    raw = torch.from_numpy(np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8))
+    return raw.view(dtype).view(shape)
 
 
 @dataclass(frozen=True)
