@@ -1,6 +1,7 @@
-"""The one switch between the Triton MoE kernels and their PyTorch references, and launch checks.
+"""The one switch between the Triton kernels and their PyTorch references, and launch checks.
 
-`KIMI_VL_MOE_BACKEND` picks the path the MoE layer takes:
+`KIMI_VL_MOE_BACKEND` (named for the MoE layer, the first user; MLA's decode follows it too) picks
+the path:
 - `auto` (default): kernels on CUDA tensors, references everywhere else;
 - `triton`: kernels always; CPU tensors then run under Triton's interpreter, which must have been
   chosen (TRITON_INTERPRET=1) before `triton` was first imported, else the launch raises;

@@ -8,7 +8,8 @@ compute the same function:
   a segment of it at a time, so memory stays bounded at any context length;
 - decode (absorbed, one new token per sequence): the key half of kv_b_proj is folded into
   q_nope and the value half into the output, so attention runs against the latents directly
-  (a long context, too, a segment at a time).
+  (on CUDA in the Triton kernel `triton_kernels.paged_mla`, which walks the block table; else a
+  segment of a long context at a time).
 
 Also home of `RMSNorm`, which the decoder layers share. Knows nothing about the MLP, the
 scheduler or where blocks come from.
@@ -24,6 +25,7 @@ from services.common.config import TextConfig
 from services.decoder.model.kv_cache import AttentionMetadata, PagedKVCache
 from services.decoder.model.paged_attention import SEGMENT_TOKENS, decode_attention, prefill_attention
 from services.decoder.model.rope import apply_rope
+from triton_kernels import paged_mla_decode, use_kernels
 
 # The reference (official Kimi-VL / DeepSeek-V3 remote code, and transformers) builds
 # q_a_layernorm and kv_a_layernorm with the RMSNorm default eps, not `rms_norm_eps`.
@@ -195,7 +197,13 @@ class MLAttention(nn.Module):
         # read whole blocks (C = table width × block size, the tail masked): the shape then changes
         # once per block, not per step — each new shape costs a fresh oneDNN kernel on CPU
         length = tables.shape[1] * attn.block_size
-        if length > self.segment_len(attn.block_size):
+        if use_kernels(q_abs):
+            # the Triton kernel walks the block table itself: no gather, any length
+            o = paged_mla_decode(
+                q_abs, kv_cache.data[self.layer_idx], tables, context_lens, self.scale, self.kv_lora_rank
+            )  # [B, nH, R] fp32
+            o_lat = o.transpose(0, 1)
+        elif length > self.segment_len(attn.block_size):
             # a long context: a segment of latents at a time (what captured steps never see)
             def read_kv(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
                 latents = kv_cache.read(self.layer_idx, tables, lo, hi).to(dtype)
