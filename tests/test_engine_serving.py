@@ -170,3 +170,27 @@ def test_captured_decode_steps_give_the_same_answers(model) -> None:
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
     got, _ = _drain(engine, ids)
     assert [got[i] for i in ids] == [_alone(model, p, sp) for p, sp in zip(prompts, params, strict=True)]
+
+
+def test_cache_pressure_evicts_least_recently_used_blocks_never_a_running_sequences(model) -> None:
+    """A long sequence runs while short requests come and go through a small cache: their cached
+    blocks are evicted (oldest first, counted in the stats) to make room, and the long answer is
+    untouched."""
+    engine = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=64, max_num_seqs=2))
+    long_prompt, long_params = _tokens(20, seed=40), SamplingParams(max_new_tokens=24, ignore_eos=True)
+    long_id = engine.add_request(long_prompt, long_params)
+    out: dict[int, list[int]] = {long_id: []}
+    short_prompts = [_tokens(9, seed=50 + i) for i in range(6)]
+    shorts: dict[int, list[int]] = {}
+    pending = list(short_prompts)
+    while engine.has_unfinished():
+        if pending and all(len(out[seq]) == 3 for seq in shorts):  # one short request at a time
+            seq = engine.add_request(pending.pop(0), SamplingParams(max_new_tokens=3, ignore_eos=True))
+            out[seq], shorts[seq] = [], short_prompts[len(shorts)]
+        for o in engine.step():
+            out[o.seq_id].append(o.token_id)
+    assert not pending
+    assert engine.stats().prefix_cache_evictions > 0
+    assert out[long_id] == _alone(model, long_prompt, long_params)
+    for seq, prompt in shorts.items():
+        assert out[seq] == _alone(model, prompt, SamplingParams(max_new_tokens=3, ignore_eos=True))

@@ -51,6 +51,7 @@ class EngineStats:
     prompt_tokens: int  # prompt tokens of admitted requests (cache hits included)
     generation_tokens: int
     steps: int
+    prefix_cache_evictions: int = 0  # cached blocks dropped to make room (LRU; never a running one's)
 
 
 @dataclass(frozen=True)

@@ -218,6 +218,7 @@ class LLMEngine:
             prompt_tokens=prefix.queries,
             generation_tokens=self._generation_tokens,
             steps=self._steps,
+            prefix_cache_evictions=pool.evictions,
         )
 
     def expert_load(self) -> ExpertLoad | None:

@@ -255,6 +255,7 @@ class EPEngine:
             prompt_tokens=total("prompt_tokens"),
             generation_tokens=total("generation_tokens"),
             steps=max(s.steps for s in known),
+            prefix_cache_evictions=total("prefix_cache_evictions"),
         )
 
     def _call(self, refs: Any) -> Any:

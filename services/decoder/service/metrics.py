@@ -6,7 +6,9 @@ front), so dashboards written for vLLM need only the prefix changed:
 - gauges `kimi_vl_num_requests_running`, `kimi_vl_num_requests_waiting`, `kimi_vl_kv_cache_usage_perc`
   (a fraction in [0, 1], as vLLM's);
 - counters `kimi_vl_prefix_cache_queries_total` / `kimi_vl_prefix_cache_hits_total` (prompt tokens
-  looked up / found), `kimi_vl_prompt_tokens_total`, `kimi_vl_generation_tokens_total`;
+  looked up / found), `kimi_vl_prompt_tokens_total`, `kimi_vl_generation_tokens_total`,
+  `kimi_vl_prefix_cache_evictions_total` (cached blocks evicted, least recently used first, to make
+  room: a long session's pressure on the cache shows here);
 - histograms `kimi_vl_time_to_first_token_seconds`, `kimi_vl_time_per_output_token_seconds`.
 
 Gauges and counters follow `AsyncEngine.stats()` (cumulative counts; the counters are advanced by
@@ -45,6 +47,7 @@ COUNTERS = {
     "prefix_cache_hits_total": "prefix_cache_hits",
     "prompt_tokens_total": "prompt_tokens",
     "generation_tokens_total": "generation_tokens",
+    "prefix_cache_evictions_total": "prefix_cache_evictions",  # blocks
 }
 
 
@@ -87,7 +90,10 @@ class DecoderMetrics:
             ),
         }
         self._counters = TotalCounters(
-            {name: f"Cumulative {field.replace('_', ' ')} (tokens)." for name, field in COUNTERS.items()},
+            {
+                name: f"Cumulative {field.replace('_', ' ')} ({'blocks' if 'evict' in name else 'tokens'})."
+                for name, field in COUNTERS.items()
+            },
             self._tags,
         )
         # expert-parallel replicas only: which experts the tokens chose, and how evenly the ranks work
