@@ -128,7 +128,7 @@ def main() -> None:
     rng = random.Random(0)
     rows = []
     for length in args.lengths:
-        ids = [rng.randrange(1000, 30000) for _ in range(length)]
+        ids = [rng.randrange(10, 1000) for _ in range(length)]  # plain tokens: no special id
         sampler = _Sampler(args.pids)
         others = _Others(client, model)
         base = tree_rss_bytes(args.pids)

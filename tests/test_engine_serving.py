@@ -194,3 +194,47 @@ def test_cache_pressure_evicts_least_recently_used_blocks_never_a_running_sequen
     assert out[long_id] == _alone(model, long_prompt, long_params)
     for seq, prompt in shorts.items():
         assert out[seq] == _alone(model, prompt, SamplingParams(max_new_tokens=3, ignore_eos=True))
+
+
+def test_a_long_prefill_leaves_room_for_requests_that_arrive_meanwhile() -> None:
+    """The scheduler alone: a long prompt takes every step's whole budget while nobody waits;
+    when a request arrives it is admitted in the next step (the long prompt's chunk gives up at
+    most half), and what the newcomer leaves goes back to the long prompt."""
+    from services.decoder.engine.scheduler import Scheduler, SeqState
+
+    sched = Scheduler(num_blocks=200, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    long = SeqState(sched.new_seq_id(), _tokens(300, seed=60), params)
+    sched.add(long)
+    for _ in range(2):
+        batch = sched.schedule()
+        assert batch is not None and batch.seqs == [long] and batch.query_lens == [64]
+        sched.after_step(batch)
+    short = SeqState(sched.new_seq_id(), _tokens(10, seed=61), params)
+    sched.add(short)
+    batch = sched.schedule()
+    assert batch is not None and batch.seqs == [long, short] and batch.query_lens == [54, 10]
+    sched.after_step(batch)
+    short.output_ids.append(5)  # it sampled its first token: a decode now, first in the next step
+    batch = sched.schedule()
+    assert batch is not None and batch.seqs == [short, long] and batch.query_lens == [1, 63]
+
+
+def test_a_step_that_decodes_carries_at_most_max_prefill_with_decodes_prompt_tokens() -> None:
+    from services.decoder.engine.scheduler import Scheduler, SeqState
+
+    sched = Scheduler(200, 4, 4, 64, max_prefill_with_decodes=16)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    short, long = (SeqState(sched.new_seq_id(), _tokens(n, seed=n), params) for n in (10, 300))
+    sched.add(short)
+    batch = sched.schedule()
+    assert batch is not None and batch.query_lens == [10]
+    sched.after_step(batch)
+    short.output_ids.append(5)
+    sched.add(long)
+    batch = sched.schedule()  # short decodes: the long prompt gets 16 tokens, not the 63 left
+    assert batch is not None and batch.seqs == [short, long] and batch.query_lens == [1, 16]
+    sched.after_step(batch)
+    sched.finish(short, "length")
+    batch = sched.schedule()  # alone again: the whole budget
+    assert batch is not None and batch.seqs == [long] and batch.query_lens == [64]

@@ -104,9 +104,13 @@ def test_replicas_become_fixed_autoscaling_and_threads(tmp_path: Path):
     assert placement["PreprocessServer"]["autoscaling_config"]["max_replicas"] == 2
     assert placement["ChatIngress"]["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 1}
     assert out["encoder"]["num_threads"] == 2
-    # an `auto` KV cache takes a share of free memory: three decoders split the default share
-    assert out["decoder"]["engine"] == {"kv_cache_memory_fraction": 0.5 / 3}
-    assert "engine" not in app_args(namespace(), tmp_path / "ck", num_cpus=2)["decoder"]
+    # an `auto` KV cache takes a share of free memory: three decoders split the default share;
+    # on CPU a step that decodes carries at most 512 prompt tokens
+    assert out["decoder"]["engine"] == {"kv_cache_memory_fraction": 0.5 / 3, "max_prefill_with_decodes": 512}
+    assert app_args(namespace(), tmp_path / "ck", num_cpus=2)["decoder"]["engine"] == {
+        "max_prefill_with_decodes": 512
+    }
+    assert "engine" not in app_args(namespace(device="cuda"), tmp_path / "ck", num_cpus=2)["decoder"]
 
 
 def test_without_autoscale_a_configs_autoscaling_is_not_used(tmp_path: Path):

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from services.common.devices import resolve_device
 from services.common.errors import InvalidInputError
 from services.common.grpc_proxy import PIPELINE_SERVICER_FUNCTIONS
 from services.common.threads import SPIN_ENV, WORKER_NICENESS_ENV
@@ -109,6 +110,12 @@ def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[
         # several replicas of a stage divide its cores (replicas.split_cpus)
         out[stage].setdefault("num_threads", plan.shares[stage].torch_threads)
     _share_kv_memory(out["decoder"], plan.shares["decoder"].replicas * max(args.ep, 1))
+    if resolve_device(out["decoder"].get("device") or "auto") == "cpu":
+        # a CPU step of 2048 prompt tokens takes seconds: streams beside a long prompt would wait
+        # that long for each token (engine.EngineConfig.max_prefill_with_decodes)
+        engine = dict(out["decoder"].get("engine") or {})
+        engine.setdefault("max_prefill_with_decodes", CPU_PREFILL_WITH_DECODES)
+        out["decoder"]["engine"] = engine
     encoder = out["encoder"]
     grpc_server = {**dict(encoder.get("grpc_server") or {}), "host": "127.0.0.1"}
     grpc_server.pop("token_env", None)  # loopback: no token needed
@@ -119,6 +126,9 @@ def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[
                                 "cpus_per_rank": plan.shares["decoder"].rank_cpus}  # fmt: skip
         out["decoder"]["num_threads"] = 1
     return out
+
+
+CPU_PREFILL_WITH_DECODES = 512  # tokens: ~1.3 s a step for `mid` in fp32 on 2 cores
 
 
 def _share_kv_memory(decoder: dict[str, Any], engines: int) -> None:

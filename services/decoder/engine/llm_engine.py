@@ -44,6 +44,10 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # per step: decode tokens first, then prefill chunks
+    # prefill tokens in a step that also decodes (None: what the budget leaves). A step's time is
+    # each decoding stream's time per token, so on a CPU, where 2048 tokens of `mid` take ~5 s, a
+    # long prompt would otherwise stall every stream beside it; alone it still gets the budget
+    max_prefill_with_decodes: int | None = None
     # prompt + output of one sequence; default: the model's max_position_embeddings, lowered
     # (and said at start-up) to what the cache holds; set, it must fit or the engine refuses
     max_model_len: int | None = None
@@ -66,6 +70,10 @@ class EngineConfig:
             raise InvalidInputError(
                 "engine setting kv_cache_memory_fraction must be in (0, 1], "
                 f"got {self.kv_cache_memory_fraction}"
+            )
+        if self.max_prefill_with_decodes is not None and self.max_prefill_with_decodes < 1:
+            raise InvalidInputError(
+                f"engine setting max_prefill_with_decodes must be >= 1, got {self.max_prefill_with_decodes}"
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidInputError(f"engine setting max_model_len must be >= 2, got {self.max_model_len}")
@@ -118,6 +126,7 @@ class LLMEngine:
             self.config.max_num_batched_tokens,
             enable_prefix_caching=self.config.enable_prefix_caching,
             first_block_id=PAD_BLOCK + 1,
+            max_prefill_with_decodes=self.config.max_prefill_with_decodes,
         )
         self._decode = DecodeRunner(
             model,

@@ -105,11 +105,13 @@ class Scheduler:
         max_num_batched_tokens: int,
         enable_prefix_caching: bool = True,
         first_block_id: int = 0,
+        max_prefill_with_decodes: int | None = None,
     ) -> None:
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching, first_id=first_block_id)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_with_decodes = max_prefill_with_decodes
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []  # admission order: the last is preempted first
         self.prefix_stats = PrefixCacheStats()
@@ -139,23 +141,45 @@ class Scheduler:
             if self._grow_or_preempt(seq):
                 decodes.append(seq)
                 budget -= 1
+        if decodes and self.max_prefill_with_decodes is not None:
+            # a step's time is every decoding stream's time per token: bound what prefill adds
+            budget = min(budget, self.max_prefill_with_decodes)
         chunks: list[tuple[SeqState, int]] = []
-        for seq in list(self.running):
-            if budget == 0:
-                break
-            if seq.num_remaining > 1 and seq.status is SequenceStatus.RUNNING:
-                n = min(seq.num_remaining, budget)
-                if not self._grow(seq, seq.num_computed + n) and not (
-                    # nothing decodes to free blocks later: make room now, newest admitted first
-                    not decodes and self._grow_or_preempt(seq, seq.num_computed + n)
-                ):
-                    break
-                chunks.append((seq, n))
-                budget -= n
+        # while requests wait, prompts part-way through their prefill take at most half the budget:
+        # a long prompt then never holds the door shut (a short one behind it would otherwise wait
+        # for all of it); what admissions leave goes back to them
+        reserve = budget // 2 if self.waiting and len(self.running) < self.max_num_seqs else 0
+        budget -= self._continue_prefills(budget - reserve, chunks, can_preempt=not decodes)
         budget = self._admit(budget, chunks)
+        if budget and reserve:
+            self._continue_prefills(budget, chunks, can_preempt=False)
         seqs = decodes + [s for s, _ in chunks]
         lens = [1] * len(decodes) + [n for _, n in chunks]
         return ScheduledBatch(seqs, lens) if seqs else None
+
+    def _continue_prefills(self, budget: int, chunks: list[tuple[SeqState, int]], can_preempt: bool) -> int:
+        """Add (or lengthen) chunks of running sequences part-way through their prompt, up to
+        `budget` tokens; returns the tokens added. can_preempt: nothing decodes to free blocks
+        later, so make room now, newest admitted first."""
+        used = 0
+        planned = dict(chunks)
+        for seq in list(self.running):
+            if used == budget:
+                break
+            have = planned.get(seq, 0)
+            left = seq.num_remaining - have
+            if seq.status is not SequenceStatus.RUNNING or left <= 0 or (not have and left == 1):
+                continue  # preempted, wholly planned, or decoding (its token is in the batch)
+            n = min(left, budget - used)
+            end = seq.num_computed + have + n
+            if not self._grow(seq, end) and not (can_preempt and self._grow_or_preempt(seq, end)):
+                break
+            if have:
+                chunks[next(i for i, (s, _) in enumerate(chunks) if s is seq)] = (seq, have + n)
+            else:
+                chunks.append((seq, n))
+            used += n
+        return used
 
     def _admit(self, budget: int, chunks: list[tuple[SeqState, int]]) -> int:
         """Move waiting sequences into the batch while the budget, seats and blocks allow."""
