@@ -88,7 +88,7 @@ class FrontendSettings:
     allow_unauthenticated_remote: bool = False  # serve non-loopback clients without a key
     max_body_bytes: int = 64 << 20
     max_images_per_request: int = 16
-    max_videos_per_request: int = 1
+    max_videos_per_request: int = 4  # a conversation about a few videos (each up to 256 frames)
     manifest_lru_entries: int = 65536  # per ingress replica, without Redis
     health_timeout_s: float = 10.0
 
