@@ -92,6 +92,10 @@ def test_three_decoder_replicas_give_the_offline_ids(tmp_path):
         assert {stage: s["replicas"] for stage, s in stages.items()} == REPLICAS
         assert stages["decoder"] == {"replicas": 3, "num_cpus": 0.3333, "torch_threads": 1}
         assert stages["encoder"] == {"replicas": 2, "num_cpus": 0.5, "torch_threads": 1}
+        # each decoder sized its KV cache from a third of the default share of free memory; the
+        # tiny model's 131,072 positions fit, so max_model_len is the checkpoint's
+        assert ready["decoder"]["max_model_len"] == 131072
+        assert ready["decoder"]["kv_cache_tokens"] >= 131072
         assert "placement on 2 CPUs: ingress 2x 0 CPU" in serve.output
         for stage, n in REPLICAS.items():
             assert serve.replicas(STAGE_DEPLOYMENTS[stage]) == n, stage

@@ -131,6 +131,14 @@ def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[
 CPU_PREFILL_WITH_DECODES = 512  # tokens: ~1.3 s a step for `mid` in fp32 on 2 cores
 
 
+def _decoder_limits() -> dict[str, int]:
+    """One decoder replica's KV cache size and max_model_len, as its engine planned them."""
+    from ray import serve
+
+    stats = serve.get_deployment_handle(STAGE_DEPLOYMENTS["decoder"], APP_NAME).stats.remote().result()
+    return {"kv_cache_tokens": int(stats["kv_cache_tokens"]), "max_model_len": int(stats["max_model_len"])}
+
+
 def _share_kv_memory(decoder: dict[str, Any], engines: int) -> None:
     """An `auto` KV cache takes its fraction of the memory available when it starts: on one
     machine, the decoder replicas (EP ranks each hold a cache) share that fraction between them."""
@@ -310,6 +318,7 @@ def _serve(
         "grpc_target": f"127.0.0.1:{args.grpc_port}",
         "model": model,
         "stages": plan.summary(),  # what each stage got
+        "decoder": _decoder_limits(),  # what the KV cache holds, and the longest sequence
     }
     print(json.dumps(ready), flush=True)
     if args.demo:

@@ -52,6 +52,8 @@ class EngineStats:
     generation_tokens: int
     steps: int
     prefix_cache_evictions: int = 0  # cached blocks dropped to make room (LRU; never a running one's)
+    kv_cache_tokens: int = 0  # what the cache holds (start-up's `kv_sizing` plan)
+    max_model_len: int = 0  # the longest sequence served (0: not known yet)
 
 
 @dataclass(frozen=True)

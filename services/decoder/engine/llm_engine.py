@@ -228,6 +228,8 @@ class LLMEngine:
             generation_tokens=self._generation_tokens,
             steps=self._steps,
             prefix_cache_evictions=pool.evictions,
+            kv_cache_tokens=self.kv_plan.tokens,
+            max_model_len=self.max_model_len,
         )
 
     def expert_load(self) -> ExpertLoad | None:

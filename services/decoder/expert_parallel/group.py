@@ -256,6 +256,8 @@ class EPEngine:
             generation_tokens=total("generation_tokens"),
             steps=max(s.steps for s in known),
             prefix_cache_evictions=total("prefix_cache_evictions"),
+            kv_cache_tokens=total("kv_cache_tokens"),
+            max_model_len=min(s.max_model_len for s in known),
         )
 
     def _call(self, refs: Any) -> Any:

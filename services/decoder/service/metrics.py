@@ -68,6 +68,8 @@ def stats_dict(stats: EngineStats) -> dict[str, Any]:
         "num_free_blocks": stats.num_free_blocks,
         "num_blocks": stats.num_blocks,
         "steps": stats.steps,
+        "kv_cache_tokens": stats.kv_cache_tokens,
+        "max_model_len": stats.max_model_len,
     }
     out.update({name: getattr(stats, field) for name, field in COUNTERS.items()})
     return out
