@@ -238,3 +238,25 @@ def test_a_step_that_decodes_carries_at_most_max_prefill_with_decodes_prompt_tok
     sched.finish(short, "length")
     batch = sched.schedule()  # alone again: the whole budget
     assert batch is not None and batch.seqs == [long] and batch.query_lens == [64]
+
+
+def test_an_image_in_the_middle_of_a_long_prompt_attended_a_segment_at_a_time(model) -> None:
+    """Segments of 2 blocks over a 300-token prompt with an image's rows in its middle, chunked
+    so chunks cut the image: the same tokens as one segment over everything."""
+    from services.decoder.model.paged_attention import SEGMENT_TOKENS
+
+    prompt = _tokens(300, seed=70)
+    prompt[120:184] = [PAD] * 64
+    media = [MediaSpan(120, _image(model, 64, seed=71), "img-71")]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    config = EngineConfig(block_size=4, kv_cache_tokens=1024, max_num_batched_tokens=50)
+    answers = []
+    for segment in (8, SEGMENT_TOKENS):
+        for layer in model.model.layers:
+            layer.self_attn.segment_tokens = segment
+        try:
+            answers.append([o.token_id for o in LLMEngine(model, config).generate(prompt, params, media)])
+        finally:
+            for layer in model.model.layers:
+                layer.self_attn.segment_tokens = SEGMENT_TOKENS
+    assert answers[0] == answers[1]
