@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from services.common.checkpoint import write_checkpoint
+from services.common.devices import host_memory_available
 from services.common.errors import InvalidInputError
-from services.decoder.engine.kv_sizing import host_memory_available, plan_kv_cache
+from services.decoder.engine.kv_sizing import plan_kv_cache
 from services.decoder.engine.llm_engine import EngineConfig, LLMEngine
 from services.decoder.engine.params import SamplingParams
 from services.decoder.loading import load_text_model

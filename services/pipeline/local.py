@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from services.common.devices import resolve_device
+from services.common.devices import host_memory_available, resolve_device
 from services.common.errors import InvalidInputError
 from services.common.grpc_proxy import PIPELINE_SERVICER_FUNCTIONS
 from services.common.threads import SPIN_ENV, WORKER_NICENESS_ENV
@@ -34,7 +34,6 @@ from services.pipeline.replicas import (
     STAGE_DEPLOYMENTS,
     Placement,
     autoscale_caps,
-    memory_available,
     parse_replicas,
     replica_bytes,
     split_cpus,
@@ -109,13 +108,7 @@ def app_args(args: argparse.Namespace, checkpoint: Path, num_cpus: int) -> dict[
         # (their idle OpenMP threads sleep after a short spin: threads.SPIN_ENV, in the placement);
         # several replicas of a stage divide its cores (replicas.split_cpus)
         out[stage].setdefault("num_threads", plan.shares[stage].torch_threads)
-    _share_kv_memory(out["decoder"], plan.shares["decoder"].replicas * max(args.ep, 1))
-    if resolve_device(out["decoder"].get("device") or "auto") == "cpu":
-        # a CPU step of 2048 prompt tokens takes seconds: streams beside a long prompt would wait
-        # that long for each token (engine.EngineConfig.max_prefill_with_decodes)
-        engine = dict(out["decoder"].get("engine") or {})
-        engine.setdefault("max_prefill_with_decodes", CPU_PREFILL_WITH_DECODES)
-        out["decoder"]["engine"] = engine
+    _local_engine_settings(out["decoder"], plan.shares["decoder"].replicas * max(args.ep, 1))
     encoder = out["encoder"]
     grpc_server = {**dict(encoder.get("grpc_server") or {}), "host": "127.0.0.1"}
     grpc_server.pop("token_env", None)  # loopback: no token needed
@@ -139,15 +132,22 @@ def _decoder_limits() -> dict[str, int]:
     return {"kv_cache_tokens": int(stats["kv_cache_tokens"]), "max_model_len": int(stats["max_model_len"])}
 
 
-def _share_kv_memory(decoder: dict[str, Any], engines: int) -> None:
-    """An `auto` KV cache takes its fraction of the memory available when it starts: on one
-    machine, the decoder replicas (EP ranks each hold a cache) share that fraction between them."""
+def _local_engine_settings(decoder: dict[str, Any], engines: int) -> None:
+    """The decoder's engine settings for one machine, where the config leaves them:
+    - an `auto` KV cache takes its fraction of the memory available when it starts, so the
+      `engines` caches (decoder replicas; under EP each rank holds one) share that fraction;
+    - on CPU a step of 2048 prompt tokens takes seconds, and streams beside a long prompt would
+      wait that long for each token: `max_prefill_with_decodes` bounds it."""
     from services.decoder.engine.llm_engine import EngineConfig
 
-    engine = {**vars(EngineConfig()), **dict(decoder.get("engine") or {})}
+    given = dict(decoder.get("engine") or {})
+    engine = {**vars(EngineConfig()), **given}
     if engine["kv_cache_tokens"] == "auto" and engines > 1:
-        share = float(engine["kv_cache_memory_fraction"]) / engines
-        decoder["engine"] = {**dict(decoder.get("engine") or {}), "kv_cache_memory_fraction": share}
+        given["kv_cache_memory_fraction"] = float(engine["kv_cache_memory_fraction"]) / engines
+    if resolve_device(decoder.get("device") or "auto") == "cpu":
+        given.setdefault("max_prefill_with_decodes", CPU_PREFILL_WITH_DECODES)
+    if given:
+        decoder["engine"] = given
 
 
 def placement_plan(
@@ -167,7 +167,7 @@ def placement_plan(
     caps = autoscale_caps(
         num_cpus,
         {stage: int(configured.get(stage, {}).get("max_replicas", 1)) for stage in STAGE_DEPLOYMENTS},
-        memory_available(),
+        host_memory_available(),
         replica_bytes(checkpoint, settings or {}) if checkpoint is not None else {},
     )
     scaling: dict[str, dict[str, Any]] = {}

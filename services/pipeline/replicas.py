@@ -208,17 +208,6 @@ class Placement:
         return "\n".join(lines)
 
 
-def memory_available() -> int:
-    """Bytes this machine can give new processes now (the kernel's MemAvailable)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30  # no /proc: assume a small machine
-
-
 def replica_bytes(checkpoint: Path, settings: dict[str, Any]) -> dict[str, int]:
     """What one encoder and one decoder replica hold on this machine (an estimate): the weights of
     their part of the checkpoint at the dtype they serve in, the decoder's KV cache, a process."""

@@ -1,21 +1,18 @@
 """How many tokens the KV cache holds and how long a sequence may be, decided once at start-up.
 
 `kv_cache_tokens: auto` takes `kv_cache_memory_fraction` of the memory available when the engine
-starts (after its weights are loaded: free device memory on a GPU, the kernel's MemAvailable
-within the process's cgroup limit on CPU), as vLLM's memory-utilisation setting does, and never
-more than `max_num_seqs` sequences of `max_model_len` tokens could use. A sequence must fit the
+starts (after its weights are loaded; `common.devices.available_memory` measures it), as vLLM's
+memory-utilisation setting does, and never more than `max_num_seqs` sequences of
+`max_model_len` tokens could use. A sequence must fit the
 cache whole, so `max_model_len` (default: the checkpoint's max_position_embeddings) is lowered to
 the cache when it does not fit, unless it was asked for: then the engine refuses to start.
 
-Knows nothing about blocks in use, scheduling or the model's code; `plan_kv_cache` is pure.
+Knows nothing about blocks in use, scheduling or the model's code. Pure: no torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 from services.common.errors import InvalidInputError
 
@@ -71,36 +68,3 @@ def plan_kv_cache(
         notes.append(f"max_model_len lowered from {want_len} to {tokens}: the KV cache holds no more")
         want_len = tokens
     return KVCachePlan(tokens, want_len, tuple(notes))
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes this process can still take on `device`: free GPU memory, or on CPU the kernel's
-    MemAvailable capped by what the process's cgroup (a container's limit) leaves."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    return host_memory_available()
-
-
-def host_memory_available() -> int:
-    """MemAvailable, and no more than the cgroup's limit less its usage where there is a limit."""
-    available = 8 << 30  # no /proc: assume a small machine
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-                break
-    except OSError:
-        pass
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
-        except OSError:
-            continue
-        if limit.isdigit() and usage.isdigit():
-            available = min(available, max(0, int(limit) - int(usage)))
-        break
-    return available

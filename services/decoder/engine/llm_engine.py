@@ -17,10 +17,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from services.common.devices import available_memory
 from services.common.errors import ContextLengthError, InternalError, InvalidInputError
 from services.decoder.engine.block_pool import MediaKey
 from services.decoder.engine.core import EngineStats, ExpertLoad, MediaSpan, PrefixCacheLog, StepOutput
-from services.decoder.engine.kv_sizing import available_memory, plan_kv_cache
+from services.decoder.engine.kv_sizing import plan_kv_cache
 from services.decoder.engine.params import SamplingParams
 from services.decoder.engine.sampling import make_generator, sample
 from services.decoder.engine.scheduler import ScheduledBatch, Scheduler, SeqState

@@ -9,7 +9,8 @@ that holds it; its padding rows are dummy sequences:
   choice), so no sequence's cache changes; they read PAD_BLOCK's first slot, whatever it holds:
   rows never mix, and their outputs are dropped.
 Without a scratch slot a batch that is not a bucket size runs eagerly (correct, not captured),
-and so does a step whose context reaches past one attention segment (MLA then loops over it).
+and so does a step whose context MLA attends a segment at a time (past one segment, without the
+Triton decode kernel).
 
 The context length causes no recompiles: under torch.compile the block-table width is a dynamic
 dimension (tables are widened to at least 2 blocks: torch specialises sizes 0 and 1); a CUDA
@@ -112,7 +113,7 @@ class DecodeRunner:
             mode == "eager"
             or bucket is None
             or (bucket != b and self.scratch_slot is None)
-            or self._long_context(attn)
+            or self._long_context(attn, input_ids)
         ):
             hidden: torch.Tensor = self.model(input_ids, attn.positions, attn, kv_cache)
             return hidden
@@ -123,11 +124,12 @@ class DecodeRunner:
             out = self._graph_step(padded, kv_cache)
         return out[:b]
 
-    def _long_context(self, attn: AttentionMetadata) -> bool:
-        """Whether a sequence reaches past one attention segment: such steps attend a segment at
-        a time (a loop over the context) and run eagerly; captures see one segment only."""
+    def _long_context(self, attn: AttentionMetadata, x: torch.Tensor) -> bool:
+        """Whether MLA attends this step's contexts a segment at a time (a loop over the context):
+        such steps run eagerly, so captures see one segment only. The Triton decode (CUDA) takes
+        any length in one launch and is captured."""
         first = cast(DecoderLayer, self.model.model.layers[0]).self_attn
-        return attn.block_tables.shape[1] * attn.block_size > first.segment_len(attn.block_size)
+        return first.decodes_in_segments(attn.block_tables, attn.block_size, x)
 
     def _mode(self, device: torch.device) -> str:
         if self._resolved is None:

@@ -172,6 +172,11 @@ class MLAttention(nn.Module):
         """Keys per attention segment: `segment_tokens` rounded down to whole blocks."""
         return max(1, self.segment_tokens // block_size) * block_size
 
+    def decodes_in_segments(self, tables: torch.Tensor, block_size: int, x: torch.Tensor) -> bool:
+        """Whether a decode over block tables [B, M] loops over segments of the context (a loop a
+        captured step cannot hold); never where the Triton kernel (chosen by x) takes the decode."""
+        return not use_kernels(x) and tables.shape[1] * block_size > self.segment_len(block_size)
+
     def _decode_absorbed(
         self,
         q_nope: torch.Tensor,
@@ -203,7 +208,7 @@ class MLAttention(nn.Module):
                 q_abs, kv_cache.data[self.layer_idx], tables, context_lens, self.scale, self.kv_lora_rank
             )  # [B, nH, R] fp32
             o_lat = o.transpose(0, 1)
-        elif length > self.segment_len(attn.block_size):
+        elif self.decodes_in_segments(tables, attn.block_size, q_abs):
             # a long context: a segment of latents at a time (what captured steps never see)
             def read_kv(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
                 latents = kv_cache.read(self.layer_idx, tables, lo, hi).to(dtype)
